@@ -1,0 +1,96 @@
+"""LoRA / DoRA / QLoRA adapters: attach to a Retriever, save atomically with the retrieval config."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RetrievalConfig
+from .encoder import Retriever, file_hash
+
+# Adapter kinds differ only in peft options; QLoRA is LoRA/DoRA on a 4-bit base (chosen by quantization).
+ADAPTER_KINDS: dict[str, dict[str, Any]] = {
+    "lora": {"use_dora": False},
+    "dora": {"use_dora": True},
+}
+
+
+def disable_avx512_repack(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes from repacking 4-bit weights for CPU inference, which breaks later training steps."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def add_adapter(
+    retriever: Retriever,
+    kind: str = "dora",
+    rank: int = 16,
+    alpha: int = 128,
+    dropout: float = 0.1,
+    targets: str | Sequence[str] | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    gradient_checkpointing: bool = False,
+) -> Retriever:
+    """Wrap the retriever's model in a fresh trainable adapter (in place); the base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"Unknown adapter kind {kind!r}. Choose one of: {', '.join(ADAPTER_KINDS)}.")
+    if hasattr(retriever.model, "peft_config"):
+        raise ValueError("This retriever already has an adapter; load the base model without one to add another.")
+    model = retriever.model
+    if retriever.quantization != "none":
+        disable_avx512_repack(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets if targets is not None else retriever.family.lora_targets,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
+        bias="none",
+        **ADAPTER_KINDS[kind],
+    )
+    retriever.model = get_peft_model(model, peft_config)
+    retriever.adapter_hash = "untrained"
+    return retriever
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(retriever: Retriever, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Save adapter weights + retrieval_config.json into `folder`, atomically (written aside, then renamed)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    retriever.model.save_pretrained(staging)
+    config: RetrievalConfig = retriever.config
+    config.save(staging)
+    if extra:
+        from .config import write_json_atomic
+
+        write_json_atomic(staging / "training_info.json", extra)
+    if folder.exists():
+        trash = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        folder.rename(trash)
+        staging.rename(folder)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        staging.rename(folder)
+    retriever.adapter_hash = file_hash(folder)
+    return folder
