@@ -46,7 +46,9 @@ def add_adapter(
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"Unknown adapter kind {kind!r}. Choose one of: {', '.join(ADAPTER_KINDS)}.")
     if hasattr(retriever.model, "peft_config"):
-        raise ValueError("This retriever already has an adapter; load the base model without one to add another.")
+        raise ValueError(
+            "This retriever already has an adapter; load the base model without one to add another."
+        )
     model = retriever.model
     if retriever.quantization != "none":
         disable_avx512_repack(model)

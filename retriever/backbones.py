@@ -15,7 +15,7 @@ from .errors import UnknownFamilyError
 PROMPT_STYLES: dict[str, tuple[str, str]] = {
     "raw": ("{text}", "{image}"),
     "e5v": (
-        '{text}\nSummarize above sentence in one word:',
+        "{text}\nSummarize above sentence in one word:",
         "{image}\nSummarize above image in one word:",
     ),
     "where": (
@@ -95,7 +95,9 @@ def _internvl_token_attrs(self: Any, tokenizer: Any, image_seq_length: int = 256
     self.start_image_token_id = tokenizer.convert_tokens_to_ids(self.start_image_token)
     self.end_image_token_id = tokenizer.convert_tokens_to_ids(self.end_image_token)
     self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-    self.multimodal_pattern = re.compile(f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})")
+    self.multimodal_pattern = re.compile(
+        f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})"
+    )
 
 
 def _read_json(folder: str | Path, name: str) -> dict[str, Any]:
@@ -201,7 +203,9 @@ def get_family(name: str) -> Family:
     try:
         return FAMILIES[name]
     except KeyError:
-        raise UnknownFamilyError(f"Unknown model family {name!r}. Supported: {', '.join(sorted(FAMILIES))}.") from None
+        raise UnknownFamilyError(
+            f"Unknown model family {name!r}. Supported: {', '.join(sorted(FAMILIES))}."
+        ) from None
 
 
 def family_for_model_type(model_type: str) -> Family:

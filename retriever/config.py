@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_FILE = "retrieval_config.json"
-DEFAULTS_FILE = "retrieval_defaults.json"  # optional, in a base model folder: its preferred retrieval settings
+DEFAULTS_FILE = (
+    "retrieval_defaults.json"  # optional, in a base model folder: its preferred retrieval settings
+)
 
 
 @dataclass

@@ -23,7 +23,11 @@ from .pooling import get_pooler
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "4bit", "8bit")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 PROGRESS_MIN_BATCHES = 4  # show a bar when an input spans more batches than this
 
 
@@ -122,7 +126,10 @@ class Retriever:
         encode = self.tokenizer.encode
         prefix = encode(self._query_prefix, add_special_tokens=False) if self._query_prefix else []
         suffix = encode(self._query_suffix, add_special_tokens=False) if self._query_suffix else []
-        rows = [prefix + encode(t, add_special_tokens=False)[: self.config.max_text_tokens] + suffix for t in texts]
+        rows = [
+            prefix + encode(t, add_special_tokens=False)[: self.config.max_text_tokens] + suffix
+            for t in texts
+        ]
         return self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
 
     def process_tiles(self, images: Sequence[ImageLike]) -> dict[str, torch.Tensor]:
@@ -156,7 +163,9 @@ class Retriever:
         return self._encode(list(images), self.process_tiles, batch_size, progress, "tiles")
 
     @torch.inference_mode()
-    def _encode(self, items: list, prepare: Any, batch_size: int, progress: bool | None, what: str) -> torch.Tensor:
+    def _encode(
+        self, items: list, prepare: Any, batch_size: int, progress: bool | None, what: str
+    ) -> torch.Tensor:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if not items:
@@ -165,8 +174,10 @@ class Retriever:
         self.model.eval()
         starts = range(0, len(items), batch_size)
         show = progress if progress is not None else len(starts) > PROGRESS_MIN_BATCHES
-        out = [self.embed(prepare(items[s : s + batch_size])).cpu() for s in tqdm(starts, desc=f"Encoding {what}",
-                                                                                   disable=not show, unit="batch")]
+        out = [
+            self.embed(prepare(items[s : s + batch_size])).cpu()
+            for s in tqdm(starts, desc=f"Encoding {what}", disable=not show, unit="batch")
+        ]
         self.model.train(was_training)
         return torch.cat(out)  # (N, D)
 
@@ -237,7 +248,9 @@ def base_signature(config: Any) -> dict[str, Any]:
     }
 
 
-def file_hash(folder: str | Path, names: Sequence[str] = ("adapter_model.safetensors", "adapter_model.bin")) -> str:
+def file_hash(
+    folder: str | Path, names: Sequence[str] = ("adapter_model.safetensors", "adapter_model.bin")
+) -> str:
     """A short sha256 of an adapter's weights: two adapters with equal hashes embed identically."""
     digest = hashlib.sha256()
     for name in names:
@@ -325,7 +338,9 @@ def load_retriever(
     if adapter is not None:
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():
-            raise RetrieverError(f"No adapter at {adapter}: expected adapter_config.json (saved by peft) there.")
+            raise RetrieverError(
+                f"No adapter at {adapter}: expected adapter_config.json (saved by peft) there."
+            )
         if (adapter / CONFIG_FILE).is_file():
             adapter_settings = json.loads((adapter / CONFIG_FILE).read_text())
             keep = {"query_prompt", "tile_prompt", "pooling", "pool_layer", "max_text_tokens", "image_side"}

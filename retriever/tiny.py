@@ -10,26 +10,149 @@ from typing import Any
 import torch
 
 # Words the on-the-fly tokenizer learns, so captions about colours, shapes and places are real tokens.
-CORPUS_WORDS = (
-    "a the and of on in at with near next to opposite across from street road corner park church cafe cafe "
-    "restaurant shop hotel museum square market station tram bus stop bridge river harbour water tree trees "
-    "red green blue yellow cyan magenta white black orange purple circle square triangle cross stripe dot "
-    "big small tall old new brick stone glass building tower house block left right side north south east west "
-    "I see there is are a an my behind front Summarize above sentence image in one word Where am this place is "
-    "Does tile match description yes no because it shows"
-).split()
+CORPUS_WORDS = [
+    "a",
+    "the",
+    "and",
+    "of",
+    "on",
+    "in",
+    "at",
+    "with",
+    "near",
+    "next",
+    "to",
+    "opposite",
+    "across",
+    "from",
+    "street",
+    "road",
+    "corner",
+    "park",
+    "church",
+    "cafe",
+    "cafe",
+    "restaurant",
+    "shop",
+    "hotel",
+    "museum",
+    "square",
+    "market",
+    "station",
+    "tram",
+    "bus",
+    "stop",
+    "bridge",
+    "river",
+    "harbour",
+    "water",
+    "tree",
+    "trees",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "cyan",
+    "magenta",
+    "white",
+    "black",
+    "orange",
+    "purple",
+    "circle",
+    "square",
+    "triangle",
+    "cross",
+    "stripe",
+    "dot",
+    "big",
+    "small",
+    "tall",
+    "old",
+    "new",
+    "brick",
+    "stone",
+    "glass",
+    "building",
+    "tower",
+    "house",
+    "block",
+    "left",
+    "right",
+    "side",
+    "north",
+    "south",
+    "east",
+    "west",
+    "I",
+    "see",
+    "there",
+    "is",
+    "are",
+    "a",
+    "an",
+    "my",
+    "behind",
+    "front",
+    "Summarize",
+    "above",
+    "sentence",
+    "image",
+    "in",
+    "one",
+    "word",
+    "Where",
+    "am",
+    "this",
+    "place",
+    "is",
+    "Does",
+    "tile",
+    "match",
+    "description",
+    "yes",
+    "no",
+    "because",
+    "it",
+    "shows",
+]
 
 SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
-    "qwen2_vl": ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"),
-    "idefics3": ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-                 "<global-img>"),
-    "internvl": ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
+    "qwen2_vl": (
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ),
+    "idefics3": (
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<end_of_utterance>",
+        "<fake_token_around_image>",
+        "<image>",
+        "<global-img>",
+    ),
+    "internvl": (
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<img>",
+        "</img>",
+        "<IMG_CONTEXT>",
+        "<video>",
+    ),
 }
 SPECIAL_TOKENS["qwen2_5_vl"] = SPECIAL_TOKENS["qwen2_vl"]
 
-TEXT_DIMS: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-             "num_key_value_heads": 2}
+TEXT_DIMS: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 TINY_IMAGE_SIDE = 56
 
 
@@ -42,14 +165,26 @@ def make_tokenizer(family: str, out_dir: Path, seed: int = 0):  # -> PreTrainedT
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     generator = torch.Generator().manual_seed(seed)
-    lines = [" ".join(CORPUS_WORDS[i] for i in torch.randint(len(CORPUS_WORDS), (12,), generator=generator))
-             for _ in range(400)]
+    lines = [
+        " ".join(CORPUS_WORDS[i] for i in torch.randint(len(CORPUS_WORDS), (12,), generator=generator))
+        for _ in range(400)
+    ]
     tok.train_from_iterator(lines + [" ".join(CORPUS_WORDS)], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token=specials[2],
-                                   bos_token=None, unk_token=None, additional_special_tokens=specials[1:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|endoftext|>",
+        eos_token=specials[2],
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=specials[1:],
+    )
     fast.save_pretrained(out_dir)
     return fast
 
@@ -59,36 +194,66 @@ def _ids(tokenizer: Any, *tokens: str) -> list[int]:
 
 
 def _token_ids(tokenizer: Any) -> dict[str, Any]:
-    return {"vocab_size": len(tokenizer), "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def _qwen2_vl(tokenizer: Any, vision_extra: dict[str, Any] | None = None, config_cls: str = "Qwen2VLConfig"):
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    image_id, video_id, start_id, end_id = _ids(tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                                "<|vision_end|>")
+    image_id, video_id, start_id, end_id = _ids(
+        tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
     head_dim = TEXT_DIMS["hidden_size"] // TEXT_DIMS["num_attention_heads"]
-    text = {**TEXT_DIMS, **_token_ids(tokenizer), "max_position_embeddings": 1024,
-            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
+    text = {
+        **TEXT_DIMS,
+        **_token_ids(tokenizer),
+        "max_position_embeddings": 1024,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+    }
     assert sum(text["rope_parameters"]["mrope_section"]) * 2 == head_dim
-    vision = {"depth": 2, "embed_dim": 32, "hidden_size": TEXT_DIMS["hidden_size"], "num_heads": 4, "mlp_ratio": 2,
-              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
-              **(vision_extra or {})}
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": TEXT_DIMS["hidden_size"],
+        "num_heads": 4,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        **(vision_extra or {}),
+    }
     config = getattr(transformers, config_cls)(
-        text_config=text, vision_config=vision, image_token_id=image_id, video_token_id=video_id,
-        vision_start_token_id=start_id, vision_end_token_id=end_id, tie_word_embeddings=False,
+        text_config=text,
+        vision_config=vision,
+        image_token_id=image_id,
+        video_token_id=video_id,
+        vision_start_token_id=start_id,
+        vision_end_token_id=end_id,
+        tie_word_embeddings=False,
     )
     side2 = TINY_IMAGE_SIDE * TINY_IMAGE_SIDE
-    processor = Qwen2VLImageProcessorPil(min_pixels=side2 // 4, max_pixels=side2 * 4, patch_size=14, merge_size=2,
-                                         temporal_patch_size=2)
+    processor = Qwen2VLImageProcessorPil(
+        min_pixels=side2 // 4, max_pixels=side2 * 4, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
     return config, processor, {}
 
 
 def _qwen2_5_vl(tokenizer: Any):
-    vision = {"out_hidden_size": TEXT_DIMS["hidden_size"], "hidden_size": 32, "intermediate_size": 64,
-              "window_size": 56, "fullatt_block_indexes": [1], "tokens_per_second": 2}
+    vision = {
+        "out_hidden_size": TEXT_DIMS["hidden_size"],
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+        "tokens_per_second": 2,
+    }
     return _qwen2_vl(tokenizer, vision_extra=vision, config_cls="Qwen2_5_VLConfig")
 
 
@@ -98,12 +263,24 @@ def _idefics3(tokenizer: Any):
 
     side, patch, scale = 64, 16, 2
     text = {**TEXT_DIMS, **_token_ids(tokenizer), "model_type": "llama", "max_position_embeddings": 1024}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "image_size": side, "patch_size": patch}
-    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=scale,
-                            image_token_id=_ids(tokenizer, "<image>")[0], tie_word_embeddings=False)
-    processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": side},
-                                          max_image_size={"longest_edge": side})
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": side,
+        "patch_size": patch,
+    }
+    config = Idefics3Config(
+        text_config=text,
+        vision_config=vision,
+        scale_factor=scale,
+        image_token_id=_ids(tokenizer, "<image>")[0],
+        tie_word_embeddings=False,
+    )
+    processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": side}, max_image_size={"longest_edge": side}
+    )
     return config, processor, {"image_seq_len": (side // patch) ** 2 // scale**2}
 
 
@@ -113,10 +290,21 @@ def _internvl(tokenizer: Any):
 
     side, patch = 32, 8
     text = {**TEXT_DIMS, **_token_ids(tokenizer), "model_type": "qwen2", "max_position_embeddings": 1024}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "image_size": [side, side], "patch_size": [patch, patch]}
-    config = InternVLConfig(text_config=text, vision_config=vision, image_token_id=_ids(tokenizer, "<IMG_CONTEXT>")[0],
-                            downsample_ratio=0.5, tie_word_embeddings=False)
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": [side, side],
+        "patch_size": [patch, patch],
+    }
+    config = InternVLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=_ids(tokenizer, "<IMG_CONTEXT>")[0],
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
     processor = GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=False)
     return config, processor, {"image_seq_length": (side // patch) ** 2 // 4}
 

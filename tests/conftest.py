@@ -24,7 +24,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
 
     def build(family: str, seed: int = 0) -> Path:
         if (family, seed) not in built:
-            built[family, seed] = make_tiny_model(family, tmp_path_factory.mktemp(f"{family}-{seed}"), seed=seed)
+            built[family, seed] = make_tiny_model(
+                family, tmp_path_factory.mktemp(f"{family}-{seed}"), seed=seed
+            )
         return built[family, seed]
 
     return build

@@ -46,7 +46,9 @@ class FakeRetriever:
             "dim": self.dim,
         }
 
-    def encode_queries(self, texts: Sequence[str], batch_size: int = 16, progress: bool | None = None) -> torch.Tensor:
+    def encode_queries(
+        self, texts: Sequence[str], batch_size: int = 16, progress: bool | None = None
+    ) -> torch.Tensor:
         out = torch.full((len(texts), self.dim), 1e-3)  # (N, D)
         for row, text in enumerate(texts):
             for word in text.lower().split():

@@ -22,7 +22,6 @@ from retriever.errors import (
     UnknownFamilyError,
 )
 from retriever.pooling import pool_last, pool_mean
-
 from retriever.tiny import TINY_BUILDERS
 
 FAMILY_NAMES = tuple(TINY_BUILDERS)
@@ -89,7 +88,9 @@ def test_middle_layer_matches_hidden_states(family: str, tiny_model_dir) -> None
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_adapter_save_and_reload_gives_identical_embeddings(family: str, tiny_model_dir, tmp_path: Path) -> None:
+def test_adapter_save_and_reload_gives_identical_embeddings(
+    family: str, tiny_model_dir, tmp_path: Path
+) -> None:
     base = tiny_model_dir(family)
     r = load_retriever(base)
     add_adapter(r, "dora", rank=4, alpha=8)
@@ -135,7 +136,11 @@ def test_4bit_embeddings_stay_close_to_fp32(family: str, tiny_model_dir) -> None
 
 
 def test_query_and_tile_prompts_are_applied(tiny_model_dir) -> None:
-    r = load_retriever(tiny_model_dir("qwen2_vl"), query_prompt="Where am I? {text} In one word:", tile_prompt="{image} In one word:")
+    r = load_retriever(
+        tiny_model_dir("qwen2_vl"),
+        query_prompt="Where am I? {text} In one word:",
+        tile_prompt="{image} In one word:",
+    )
     ids = r.tokenize_queries(["red church"])["input_ids"][0].tolist()
     decoded = r.tokenizer.decode(ids)
     assert decoded.startswith("Where am I?") and decoded.endswith("In one word:")
