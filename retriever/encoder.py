@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,16 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 PROGRESS_MIN_BATCHES = 4  # show a bar when an input spans more batches than this
+
+
+def _demo_base() -> Path:
+    from .demo.model import demo_base_model
+
+    return demo_base_model()
+
+
+# Model ids that are assembled locally instead of downloaded: id -> builder returning the folder.
+MODEL_ALIASES: dict[str, Callable[[], Path]] = {"geotext/helsinki-smolvlm-base-v1": _demo_base}
 
 
 class _EarlyExit(Exception):
@@ -317,7 +327,8 @@ def load_retriever(
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    model = str(model)
+    model_id = str(model)
+    model = str(MODEL_ALIASES[model_id]()) if model_id in MODEL_ALIASES else model_id
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     hf_config = _read_model_config(model, revision)
@@ -325,7 +336,7 @@ def load_retriever(
 
     settings: dict[str, Any] = {
         "family": family.name,
-        "base_model": model,
+        "base_model": model_id,  # the id the user gave: stable across machines, unlike a cache path
         "revision": revision,
         "query_prompt": family.query_prompt,
         "tile_prompt": family.tile_prompt,

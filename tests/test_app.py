@@ -1,0 +1,540 @@
+"""The app without a browser: callbacks, hits_to_map, escaping, offline assets, config and the ZeroGPU wrapper."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import re
+import sys
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from shapely.geometry import Polygon, box
+
+from app import callbacks, maps
+from app.callbacks import Engine, SearchState, UserInputError
+from app.config import AppConfig, load_backend, parse_config
+from tests.fakes import COLOURS, PALETTE, FakeRetriever, solid_tile
+
+XSS_QUERY = "red <script>alert(1)</script> <img src=x onerror=alert(1)> ${alert(3)} `tick` C:\\users"
+LIVE_MARKUP = ("<script>alert", "<img src=x", "onerror=alert(1)>", "${alert(3)}")
+
+
+# --- A small gallery: the real TileIndex when retriever.index is importable, else a stand-in ----------
+def tile_rows(folder: Path, n: int = 16, side_deg: float = 0.002) -> list[dict[str, Any]]:
+    """Tiles in a grid over central Helsinki, each painted in one palette colour (written to folder)."""
+    rows = []
+    for i in range(n):
+        colour = COLOURS[i % len(COLOURS)]
+        lat, lon = 60.165 + 0.0015 * (i // 4), 24.935 + 0.003 * (i % 4)
+        path = folder / f"tile_{i:02d}_{colour}.png"
+        solid_tile(colour, 48).save(path)
+        bbox = (lon - side_deg / 2, lat - side_deg / 4, lon + side_deg / 2, lat + side_deg / 4)
+        rows.append(
+            {
+                "tile_id": f"hel-{i:02d}",
+                "lat": lat,
+                "lon": lon,
+                "bbox": bbox,
+                "path": str(path),
+                "colour": colour,
+            }
+        )
+    return rows
+
+
+try:
+    from retriever.index import Hit, TileIndex, build_index
+except ImportError:  # the index module is not there yet: a stand-in with the contract's surface
+    TileIndex = build_index = None
+
+    @dataclass(frozen=True)
+    class Hit:  # the contract's fields (docs/CONTRACT.md)
+        rank: int
+        tile_id: str
+        score: float
+        lat: float
+        lon: float
+        bbox: tuple[float, float, float, float]
+        image_path: str
+        footprint: Polygon
+        context: dict = field(default_factory=dict)
+
+
+class FakeIndex:
+    """Exact cosine top-K over tile_rows; used only while retriever.index is missing."""
+
+    def __init__(self, rows: list[dict[str, Any]], retriever: FakeRetriever) -> None:
+        self.rows = rows
+        self.embeddings = retriever.encode_tiles([r["path"] for r in rows])  # (N, D)
+
+    def search_text(self, retriever: Any, texts: list[str], k: int, within: Any = None) -> list[list[Hit]]:
+        scores = retriever.encode_queries(texts) @ self.embeddings.T  # (Q, N)
+        out = []
+        for row_scores in scores.tolist():
+            order = sorted(range(len(self.rows)), key=lambda j: (-row_scores[j], j))
+            if within is not None:
+                order = [j for j in order if within.intersects(box(*self.rows[j]["bbox"]))]
+            out.append([self._hit(rank, j, row_scores[j]) for rank, j in enumerate(order[:k], start=1)])
+        return out
+
+    def _hit(self, rank: int, j: int, score: float) -> Hit:
+        r = self.rows[j]
+        return Hit(
+            rank,
+            r["tile_id"],
+            float(score),
+            r["lat"],
+            r["lon"],
+            r["bbox"],
+            r["path"],
+            box(*r["bbox"]),
+            {"features": f"a {r['colour']} tile"},
+        )
+
+
+def make_fake_backend(folder: Path) -> tuple[FakeRetriever, Any]:
+    """FakeRetriever plus an index over tile_rows(folder): a real TileIndex when the module exists."""
+    retriever = FakeRetriever()
+    rows = tile_rows(folder)
+    if build_index is None:
+        return retriever, FakeIndex(rows, retriever)
+    import geopandas as gpd
+
+    frame = gpd.GeoDataFrame(
+        {
+            "tile_id": [r["tile_id"] for r in rows],
+            "lat": [r["lat"] for r in rows],
+            "lon": [r["lon"] for r in rows],
+            "image_path": [r["path"] for r in rows],
+            "features": [f"a {r['colour']} tile" for r in rows],
+        },
+        geometry=[box(*r["bbox"]) for r in rows],
+        crs="EPSG:4326",
+    )
+    out = build_index(retriever, frame, folder / "index", thumbnail_px=64, progress=False)
+    return retriever, TileIndex.load(out, retriever=retriever)
+
+
+class FakeExplainer:
+    """Confidence by rank; reasons streamed in chunks, the first one carrying markup to be escaped."""
+
+    def __init__(self) -> None:
+        self.confidence_calls = 0
+        self.reason_calls = 0
+
+    def confidence(self, query: str, hits: Sequence[Any]) -> list[float]:
+        self.confidence_calls += 1
+        return [1.0 / (1 + h.rank) for h in hits]
+
+    def reason(self, query: str, hit: Any) -> Iterator[str]:
+        self.reason_calls += 1
+        yield f"Tile {hit.tile_id} "
+        yield "<img src=x onerror=alert(1)> " if hit.rank == 1 else "looks "
+        yield "matches."
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> tuple[FakeRetriever, Any]:
+    return make_fake_backend(tmp_path_factory.mktemp("tiles"))
+
+
+@pytest.fixture
+def engine(backend: tuple[FakeRetriever, Any]) -> Engine:
+    return callbacks.make_engine(*backend)
+
+
+def page_without_data_uris(page: str) -> str:
+    return re.sub(r"data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+", "data:", page)
+
+
+def fitted_bounds(page: str) -> list[list[float]]:
+    """The bounds Folium's fitBounds call gives the map (not Leaflet's own source)."""
+    return json.loads(re.search(r"map_[0-9a-f]+\.fitBounds\(\s*(\[\[.*?\]\])", page, re.S).group(1))
+
+
+# --- Query checks -------------------------------------------------------------------------------
+def test_empty_query_gets_a_friendly_message_and_no_results(engine: Engine) -> None:
+    for raw in ("", "   \n\t ", None):
+        view = callbacks.search(raw, 5, "", engine)
+        assert "describe what you see" in view.status.lower()
+        assert view.gallery == [] and view.files == []
+        assert "Traceback" not in view.status
+
+
+def test_long_query_is_truncated_with_a_notice(engine: Engine) -> None:
+    raw = "red " * 2000  # 8,000 characters
+    text, notices = callbacks.clean_query(raw)
+    assert len(text) <= callbacks.MAX_QUERY_CHARS and text.endswith("red")
+    assert notices and "first" in notices[0]
+    view = callbacks.search(raw, 3, "", engine)
+    assert len(view.state.query) <= callbacks.MAX_QUERY_CHARS
+    assert "only its first" in view.status and len(view.gallery) == 3
+
+
+def test_short_query_is_kept_and_k_is_clamped() -> None:
+    assert callbacks.clean_query("  a  red\tchurch \x00 ") == ("a red church", [])
+    assert [callbacks.clamp_k(v) for v in (0, 1, 7.4, 99, None)] == [
+        1,
+        1,
+        7,
+        callbacks.MAX_K,
+        callbacks.DEFAULT_K,
+    ]
+
+
+@pytest.mark.parametrize("spec", ["/etc/passwd", "area.geojson", "60.1,24.9", "1,2,3,4,5", "red"])
+def test_area_accepts_only_numbers(spec: str) -> None:
+    with pytest.raises(UserInputError, match="west,south,east,north"):
+        callbacks.parse_area(spec)
+
+
+def test_area_filter_restricts_results(engine: Engine, backend: tuple[FakeRetriever, Any]) -> None:
+    pytest.importorskip("retriever.spatial")
+    first = engine.rank("red", 1, None)[0]
+    view = callbacks.search("red", 10, ",".join(str(v) for v in first.bbox), engine)
+    assert view.state.hits and all(box(*h.bbox).intersects(box(*first.bbox)) for h in view.state.hits)
+    assert view.state.hits[0].tile_id == first.tile_id
+    assert "fewer than" in view.status
+    nowhere = callbacks.search("red", 5, "0,0,0.001,0.001", engine)
+    assert "No tiles lie inside that area" in nowhere.status and nowhere.gallery == []
+
+
+# --- Search ---------------------------------------------------------------------------------------
+def test_search_ranks_the_matching_tiles_first_with_captions(engine: Engine) -> None:
+    view = callbacks.search("a red church next to a green park", 5, "", engine)
+    hits = view.state.hits
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+    colours = [h.context["features"].split()[1] for h in hits]
+    assert set(colours[:4]) == {"red", "green"}  # 2 red + 2 green tiles outscore the rest
+    assert len(view.gallery) == 5
+    for (image, caption), hit, colour in zip(view.gallery, hits, colours, strict=True):
+        with Image.open(image) as decoded:  # the thumbnail is this tile's image
+            assert all(
+                abs(a - b) < 12 for a, b in zip(decoded.convert("RGB").getpixel((5, 5)), PALETTE[colour])
+            )
+        assert caption == f"#{hit.rank} · {hit.score:.3f} · {hit.lat:.4f}, {hit.lon:.4f}"
+    assert abs(sum(view.state.confidences) - 1) < 1e-6
+    assert view.state.confidences == sorted(view.state.confidences, reverse=True)
+    assert "Top 5 tiles" in view.status and 'class="geotext-map"' in view.map_html
+
+
+def test_search_never_calls_the_explainer(backend: tuple[FakeRetriever, Any]) -> None:
+    explainer = FakeExplainer()
+    engine = callbacks.make_engine(*backend, explainer=explainer)
+    view = callbacks.search("blue", 4, "", engine)
+    assert len(view.gallery) == 4
+    assert explainer.confidence_calls == 0 and explainer.reason_calls == 0  # the ranking is never held back
+
+
+def test_errors_become_friendly_messages_without_details(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(query: str, k: int, within: Any) -> list[Any]:
+        raise RuntimeError("secret /srv/model/path exploded")
+
+    view = callbacks.search("red", 5, "", Engine(rank=broken))
+    assert "Something went wrong" in view.status
+    assert "secret" not in view.status and "Traceback" not in view.status
+    ref = re.search(r"`([0-9a-f]{8})`", view.status).group(1)
+    assert any(ref in r.getMessage() and r.exc_info for r in caplog.records)  # logged with its traceback
+
+
+def test_library_errors_are_shown_escaped() -> None:
+    errors = pytest.importorskip("retriever.errors")
+
+    def refuse(query: str, k: int, within: Any) -> list[Any]:
+        raise errors.IndexMismatchError("index built by <b>another</b> model")
+
+    view = callbacks.search("red", 5, "", Engine(rank=refuse))
+    assert "another" in view.status and "<b>" not in view.status
+
+
+def test_no_backend_shows_the_notice() -> None:
+    view = callbacks.search("red", 5, "", None, notice="Pass `--model` and `--index`.")
+    assert "--model" in view.status and view.gallery == []
+
+
+# --- hits_to_map ------------------------------------------------------------------------------------
+def test_map_has_numbered_markers_popups_and_footprints(engine: Engine) -> None:
+    hits = engine.rank("yellow", 6, None)
+    confidences = [0.5, 0.2, 0.1, 0.1, 0.05, 0.05]
+    page = maps.map_page(maps.hits_to_map(hits, query="yellow & <b>bold</b>", confidences=confidences))
+    assert page.count("L.marker(") == 6
+    for hit in hits:
+        colour = maps.rank_colour(hit.rank, 6)
+        assert f'\\"geotext-rank\\" style=\\"background:{colour}\\"\\u003e{hit.rank}\\u003c/div' in page
+        assert f"<th>Score</th><td>{hit.score:.3f}</td>" in page
+        assert f"{hit.lat:.5f}, {hit.lon:.5f}" in page
+    assert page.count("yellow &amp; &lt;b&gt;bold&lt;/b&gt;") == 6  # the escaped query in every popup
+    assert "<b>bold</b>" not in page
+    assert "<th>Confidence</th><td>0.50</td>" in page
+    assert page.count("L.polygon(") == 6
+    assert maps.rank_colour(1, 6) in page and maps.rank_colour(6, 6) in page
+    assert maps.rank_colour(1, 6) != maps.rank_colour(6, 6)
+    assert page.count("L.imageOverlay(") == 6 and "data:image/jpeg;base64," in page
+    assert html.escape(maps.osm_url(hits[0].lat, hits[0].lon)) in page
+    west = min(h.bbox[0] for h in hits)
+    north = max(h.bbox[3] for h in hits)
+    (s, w), (n, e) = fitted_bounds(page)
+    assert w == pytest.approx(west) and n == pytest.approx(north)
+    assert re.search(r"attributionControl\.addAttribution\(.*OpenStreetMap.*contributors", page)
+
+
+def test_reason_and_focus_show_in_the_map(engine: Engine) -> None:
+    hits = engine.rank("cyan", 3, None)
+    page = maps.map_page(maps.hits_to_map(hits, reasons={2: "a cyan roof <i>here</i>"}, focus=2))
+    assert "a cyan roof &lt;i&gt;here&lt;/i&gt;" in page
+    marker_names = re.findall(r"var (marker_[0-9a-f]+) = L\.marker\(", page)
+    assert re.search(rf"{marker_names[1]}\.openPopup\(\);", page)  # the focused tile's popup opens
+    west, south, east, north = hits[1].bbox
+    assert sum(fitted_bounds(page), []) == pytest.approx(
+        [south, west, north, east]
+    )  # zoomed to that tile only
+
+
+def test_map_escapes_xss_in_query_and_reasons(engine: Engine) -> None:
+    hits = engine.rank("red", 3, None)
+    m = maps.hits_to_map(hits, query=XSS_QUERY, reasons={1: XSS_QUERY})
+    page = maps.map_page(m)
+    iframe = maps.map_iframe(m)
+    for live in LIVE_MARKUP:
+        assert live not in page, live
+        assert live not in iframe, live
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&#36;{alert(3)}" in page and "&#96;tick&#96;" in page and "C:&#92;users" in page
+    # the iframe is sandboxed and its whole page is one escaped attribute
+    assert (
+        iframe.startswith("<iframe")
+        and 'sandbox="allow-scripts' in iframe
+        and "allow-same-origin" not in iframe
+    )
+    assert "<script" not in iframe.split('srcdoc="', 1)[1].split('"', 1)[0]
+
+
+def test_search_output_never_has_live_markup(engine: Engine) -> None:
+    view = callbacks.search(XSS_QUERY, 4, "", engine)
+    assert view.state.hits, "the colour word still ranks"
+    page = html.unescape(view.map_html.split('srcdoc="', 1)[1].split('"', 1)[0])  # what the iframe runs
+    assert "L.marker(" in page
+    for live in LIVE_MARKUP:
+        assert live not in page
+        assert live not in view.status
+        assert all(live not in caption for _, caption in view.gallery)
+    assert all("<" not in caption and "script" not in caption for _, caption in view.gallery)
+    assert "&lt;script&gt;" in view.status  # shown as text, not dropped
+
+
+def test_map_is_self_contained_offline(engine: Engine) -> None:
+    hits = engine.rank("white", 4, None)
+    page = maps.map_page(maps.hits_to_map(hits, query="white"))
+    assert "jQuery v3.7.1" in page and "Leaflet 1.9.3" in page  # inlined, not linked
+    assert not re.search(r"<script[^>]+src=", page)
+    assert not re.search(r"<link[^>]+stylesheet", page)
+    lowered = page_without_data_uris(page).lower()
+    for cdn in ("cdn", "unpkg", "jsdelivr", "code.jquery.com", "bootstrap", "googleapis", "sourcemappingurl"):
+        assert cdn not in lowered, cdn
+    # only the optional online basemaps fetch from a remote host, and they are off by default
+    tile_hosts = set(re.findall(r'L\.tileLayer\(\s*"https?://([^/]+)/', page))
+    assert tile_hosts == {"tile.openstreetmap.org", "server.arcgisonline.com"}
+
+
+def test_basemap_registry_picks_the_initial_layer(engine: Engine) -> None:
+    hits = engine.rank("red", 2, None)
+
+    def shown_tile_layers(basemap: str) -> int:
+        page = maps.map_page(maps.hits_to_map(hits, basemap=basemap))
+        tile_vars = re.findall(r"var (tile_layer_\w+) = L\.tileLayer\(", page)
+        return sum(bool(re.search(rf"{v}\.addTo\(map_", page)) for v in tile_vars)
+
+    assert shown_tile_layers("offline") == 0  # nothing fetched from the internet by default
+    assert shown_tile_layers("osm") == 1
+    with pytest.raises(ValueError, match="unknown basemap"):
+        maps.hits_to_map(hits, basemap="google")
+
+
+def test_unreadable_thumbnail_does_not_break_the_map(tmp_path: Path) -> None:
+    hit = Hit(
+        1,
+        "gone",
+        0.5,
+        60.17,
+        24.94,
+        (24.939, 60.169, 24.941, 60.171),
+        str(tmp_path / "missing.png"),
+        None,
+        {},
+    )
+    page = maps.map_page(maps.hits_to_map([hit], query="q"))
+    assert "thumbnail unavailable" in page and page.count("L.marker(") == 1
+    assert (
+        page.count("L.imageOverlay(") == 0 and page.count("L.polygon(") == 1
+    )  # bbox stands in for the footprint
+    items = callbacks.gallery_items([hit])
+    with Image.open(items[0][0]) as placeholder:
+        assert placeholder.size == (64, 64)
+    assert items[0][1].startswith("#1 · 0.500")
+
+
+def test_empty_map_renders() -> None:
+    iframe = maps.empty_map_iframe()
+    assert "L.map(" in html.unescape(iframe) and "L.marker(" not in html.unescape(iframe)
+
+
+# --- Explanations -----------------------------------------------------------------------------------
+def test_explanations_stream_after_the_ranking(backend: tuple[FakeRetriever, Any]) -> None:
+    explainer = FakeExplainer()
+    engine = callbacks.make_engine(*backend, explainer=explainer)
+    first = callbacks.search("magenta", 5, "", engine)
+    views = list(callbacks.explain(first.state, engine, reason_top=2, interval_s=0.0))
+    assert explainer.confidence_calls == 1 and explainer.reason_calls == 2
+    # the first update carries the explainer's confidence and no reasons yet
+    assert views[0].state.confidences == pytest.approx([1 / 2, 1 / 3, 1 / 4, 1 / 5, 1 / 6])
+    assert views[0].state.reasons == {} and "writing" in views[0].explanations
+    final = views[-1].state
+    assert set(final.reasons) == {1, 2} and final.reasons[2] == f"Tile {final.hits[1].tile_id} looks matches."
+    streamed = [v.state.reasons.get(1, "") for v in views if v.state]
+    assert any(0 < len(r) < len(final.reasons[1]) for r in streamed)  # partial text was pushed
+    all_text = " ".join(v.map_html or "" for v in views) + " ".join(v.explanations or "" for v in views)
+    assert "onerror=alert(1)>" not in all_text and "&lt;img src" in all_text
+    geojson = json.loads(Path(views[-1].files[0]).read_text())
+    assert geojson["features"][0]["properties"]["reason"].startswith("Tile ")
+
+
+def test_explainer_failure_keeps_the_ranking(backend: tuple[FakeRetriever, Any]) -> None:
+    class Broken(FakeExplainer):
+        def confidence(self, query: str, hits: Sequence[Any]) -> list[float]:
+            raise RuntimeError("cuda out of memory at 0xdeadbeef")
+
+    engine = callbacks.make_engine(*backend, explainer=Broken())
+    first = callbacks.search("black", 3, "", engine)
+    views = list(callbacks.explain(first.state, engine))
+    assert len(views) == 1 and "Something went wrong" in views[0].explanations
+    assert "deadbeef" not in views[0].explanations and views[0].state is None  # state left untouched
+
+
+def test_no_explainer_shows_similarity_confidence(engine: Engine) -> None:
+    view = callbacks.search("blue", 3, "", engine)
+    assert "softmax of the similarity scores" in view.explanations
+    assert list(callbacks.explain(view.state, engine)) == []
+
+
+# --- Gallery selection and downloads ---------------------------------------------------------------
+def test_selecting_a_gallery_item_focuses_the_map(engine: Engine) -> None:
+    view = callbacks.search("green", 4, "", engine)
+    map_html, state = callbacks.focus(view.state, 2)
+    assert state.focus == 3
+    page = html.unescape(map_html)
+    west, south, east, north = view.state.hits[2].bbox
+    assert sum(fitted_bounds(page), []) == pytest.approx([south, west, north, east])
+    assert callbacks.focus(view.state, 99)[1].focus is None  # out of range: unchanged
+    assert "L.marker(" not in html.unescape(callbacks.focus(None, 0)[0])
+
+
+def test_downloads_are_geojson_and_csv(engine: Engine) -> None:
+    view = callbacks.search("yellow", 4, "", engine)
+    state = SearchState(**{**view.state.__dict__, "reasons": {1: "=HYPERLINK(evil)"}})
+    geojson_path, csv_path = callbacks.export_results(state)
+    data = json.loads(Path(geojson_path).read_text())
+    assert data["type"] == "FeatureCollection" and data["query"] == "yellow"
+    assert [f["properties"]["rank"] for f in data["features"]] == [1, 2, 3, 4]
+    first = data["features"][0]
+    assert first["geometry"]["type"] == "Polygon"
+    assert first["properties"]["score"] == pytest.approx(view.state.hits[0].score, abs=1e-6)
+    assert "/" not in first["properties"]["image"]  # no server paths leak
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and rows[0]["tile_id"] == view.state.hits[0].tile_id
+    assert rows[0]["reason"] == "'=HYPERLINK(evil)"  # not a live spreadsheet formula
+    assert float(rows[1]["lat"]) == pytest.approx(view.state.hits[1].lat)
+
+
+# --- Config, UI wiring, ZeroGPU ---------------------------------------------------------------------
+def test_config_flags_override_env_over_defaults(tmp_path: Path) -> None:
+    env = {"GEOTEXT_MODEL": "env-model", "GEOTEXT_INDEX": "env-index", "GEOTEXT_QUANTIZATION": "4bit"}
+    config = parse_config(["--index", "flag-index", "--port", "7999"], environ=env)
+    assert (config.model, config.index, config.quantization, config.port) == (
+        "env-model",
+        "flag-index",
+        "4bit",
+        7999,
+    )
+    default = parse_config([], environ={})
+    assert default == AppConfig(examples=default.examples) and default.examples
+    examples = tmp_path / "ex.txt"
+    examples.write_text("# comment\nfirst example\n\nsecond example\n")
+    assert parse_config(["--examples", str(examples)], environ={}).examples == [
+        "first example",
+        "second example",
+    ]
+    with pytest.raises(SystemExit):
+        parse_config(["--basemap", "google"], environ={})
+
+
+def test_missing_model_or_index_gives_a_notice_not_a_crash(tmp_path: Path) -> None:
+    backend = load_backend(AppConfig(model=str(tmp_path / "nope"), index=str(tmp_path / "nope-index")))
+    assert backend.retriever is None and backend.index is None
+    assert "--model" in backend.notice and "GEOTEXT_MODEL" in backend.notice and "nope" in backend.notice
+    assert "--index" in load_backend(AppConfig(model=str(tmp_path), index=None)).notice
+
+
+def test_build_demo_wires_search_with_a_model_queue(backend: tuple[FakeRetriever, Any]) -> None:
+    import gradio as gr
+
+    from app.ui import build_demo
+
+    demo = build_demo(*backend, explainer=FakeExplainer(), examples=["a red tile"], concurrency=2)
+    assert isinstance(demo, gr.Blocks)
+    fns = list(demo.fns.values())
+    search = next(f for f in fns if f.api_name == "search")
+    assert search.concurrency_limit == 2 and search.concurrency_id == "model"
+    explain = [f for f in fns if getattr(f.fn, "__name__", "") == "on_explain"]
+    assert explain and all(f.concurrency_id == "model" for f in explain)
+    plain = build_demo(None, None, notice="Pass `--model`.")
+    assert not any(getattr(f.fn, "__name__", "") == "on_explain" for f in plain.fns.values())
+
+
+def test_on_gpu_is_a_no_op_without_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.gpu import on_gpu
+
+    monkeypatch.setitem(sys.modules, "spaces", None)  # import spaces -> ImportError
+
+    def f(x: int) -> int:
+        return x + 1
+
+    assert on_gpu(f) is f and on_gpu(duration=30)(f) is f
+
+
+def test_on_gpu_wraps_with_spaces_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.gpu import on_gpu
+
+    seen: list[Any] = []
+
+    def gpu(fn: Any = None, *, duration: int | None = None) -> Any:
+        def deco(f: Any) -> Any:
+            seen.append((f.__name__, duration))
+            return lambda *a: ("on gpu", f(*a))
+
+        return deco(fn) if callable(fn) else deco
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
+
+    def encode(x: int) -> int:
+        return x * 2
+
+    assert on_gpu(encode)(3) == ("on gpu", 6)
+    assert on_gpu(duration=90)(encode)(1) == ("on gpu", 2)
+    assert seen == [("encode", None), ("encode", 90)]
+
+
+def test_index_ranking_is_exact(backend: tuple[FakeRetriever, Any], tmp_path: Path) -> None:
+    retriever, index = backend
+    rows = tile_rows(tmp_path)
+    hits = index.search_text(retriever, ["red"], k=len(rows))[0]
+    brute = (retriever.encode_queries(["red"]) @ retriever.encode_tiles([r["path"] for r in rows]).T)[0]
+    assert [h.score for h in hits] == pytest.approx(sorted(brute.tolist(), reverse=True), abs=1e-3)
+    assert {h.tile_id for h in hits[:2]} == {r["tile_id"] for r in rows if r["colour"] == "red"}
