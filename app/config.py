@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "assets" / "demo"
-DEMO_MODEL = DEMO_DIR / "model"
+DEMO_MODEL = "geotext/helsinki-smolvlm-base-v1"  # assembled locally from PyPI packages on first use
+DEMO_ADAPTER = DEMO_DIR / "adapter"  # the vision tower, connector and LoRA we trained (a few MB)
 DEMO_INDEX = DEMO_DIR / "index"
 DEMO_EXAMPLES = DEMO_DIR / "examples.txt"  # one description a line, optional
 
@@ -46,8 +47,8 @@ FALLBACK_EXAMPLES = [
 class AppConfig:
     """Everything the app needs to start; paths are kept as given (relative to the working dir)."""
 
-    model: str | None = str(DEMO_MODEL)
-    adapter: str | None = None
+    model: str | None = DEMO_MODEL
+    adapter: str | None = str(DEMO_ADAPTER)
     quantization: str = "none"
     index: str | None = str(DEMO_INDEX)
     explain: str = "auto"
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(f"--{k} {v}" for k, v in ENV_VARS.items()),
     )
     p.add_argument("--model", help=f"model folder or hub id (default: the bundled demo, {DEMO_MODEL})")
-    p.add_argument("--adapter", help="LoRA/DoRA adapter folder (default: none)")
+    p.add_argument("--adapter", help="LoRA/DoRA adapter folder (default: the demo's with the demo model, else none)")
     p.add_argument(
         "--quantization", help="none, 4bit or 8bit: the retriever's loader checks it (default: none)"
     )
@@ -90,6 +91,10 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         flag = getattr(args, name)
         raw = flag if flag is not None else environ.get(var) or None
         values[name] = getattr(defaults, name) if raw is None else raw
+    model_given = args.model is not None or bool(environ.get(ENV_VARS["model"]))
+    adapter_given = args.adapter is not None or bool(environ.get(ENV_VARS["adapter"]))
+    if model_given and not adapter_given:  # the demo adapter belongs to the demo model only
+        values["adapter"] = None
     for name in ("concurrency", "port"):
         if values[name] is not None:
             values[name] = int(values[name])
@@ -150,8 +155,10 @@ def _show(path: Path) -> str:
 
 def load_backend(config: AppConfig) -> Backend:
     """Load the retriever, the index and (optionally) the explainer; never raises for a missing part."""
-    for name in ("model", "index"):
+    for name in ("model", "index", "adapter"):
         value = getattr(config, name)
+        if name == "adapter" and not value:
+            continue
         if not value:
             return Backend(notice=missing_notice(config, f"no {name} was given."))
         if _is_missing(name, value):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,6 +82,8 @@ class Retriever:
         self.adapter_path = adapter_path
         self.adapter_hash = adapter_hash
         self._pooler = get_pooler(config.pooling)
+        # One lock around the model: generation with the adapter switched off must not overlap an encode.
+        self.model_lock = threading.RLock()
         self._query_prefix, self._query_suffix = config.query_prompt.split("{text}", 1)
         self.dim = int(self.base_model.config.get_text_config().hidden_size)
 
@@ -212,11 +215,12 @@ class Retriever:
     @contextmanager
     def adapter_disabled(self) -> Iterator[torch.nn.Module]:
         """The base model without the retrieval adapter, e.g. for generation."""
-        if hasattr(self.model, "disable_adapter"):
-            with self.model.disable_adapter():
+        with self.model_lock:
+            if hasattr(self.model, "disable_adapter"):
+                with self.model.disable_adapter():
+                    yield self.base_model
+            else:
                 yield self.base_model
-        else:
-            yield self.base_model
 
 
 # -------------------------------------------------------------------------------------------------------------
