@@ -14,3 +14,8 @@ class Pair:
     group: str  # the building (GeoText-1652), location (CVG-Text) or tile id: relevance is by group
     lat: float = float("nan")
     lon: float = float("nan")
+    split_group: str = ""  # what a validation split keeps together (building, location cell); default: group
+
+    @property
+    def leakage_key(self) -> str:
+        return self.split_group or self.group

@@ -148,24 +148,60 @@ def load_pairs(spec: str) -> list[Pair]:
     return pairs
 
 
+def pairset_to_pairs(pair_set: Any) -> list[Pair]:
+    """Flatten a retriever.data.PairSet: relevance by image label, splits by its leakage group."""
+    latlon = pair_set.image_latlon
+    pairs = []
+    for text, image in zip(pair_set.texts, pair_set.text_image.tolist()):
+        lat, lon = (
+            (float(latlon[image, 0]), float(latlon[image, 1])) if latlon is not None else (math.nan, math.nan)
+        )
+        pairs.append(
+            Pair(
+                text=text,
+                image=str(pair_set.images[image]),
+                group=f"label-{pair_set.image_label[image]}",
+                lat=lat,
+                lon=lon,
+                split_group=pair_set.group_names[pair_set.image_group[image]],
+            )
+        )
+    return pairs
+
+
+def _benchmark_source(name: str) -> Callable[[str], list[Pair]]:
+    """A reader for "PATH[:key=value,...]" of a retriever.data dataset (split defaults to train)."""
+
+    def read(spec: str) -> list[Pair]:
+        from .data import read_dataset
+
+        path, _, options_text = spec.partition(":")
+        options = dict(item.split("=", 1) for item in options_text.split(",") if item)
+        options.setdefault("split", "train")
+        if options["split"] == "test":
+            raise DataFormatError("Training never reads the test split; validation is carved from train.")
+        return pairset_to_pairs(read_dataset(name, path, **options))
+
+    return read
+
+
 def _register_dataset_sources() -> None:
-    """Benchmark readers live in retriever.data; they add themselves when present."""
-    try:
-        from . import data
-    except ImportError:
-        return
-    for name, reader in getattr(data, "TRAIN_READERS", {}).items():
-        TRAIN_SOURCES.setdefault(name, reader)
+    """The benchmark readers of retriever.data, e.g. --data geotext1652:/data/GeoText1652."""
+    for name in ("geotext1652", "cvgtext"):
+        TRAIN_SOURCES.setdefault(name, _benchmark_source(name))
 
 
 def split_by_group(pairs: Sequence[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """Carve validation from train by group, so no place is seen in both."""
-    groups = sorted({p.group for p in pairs})
+    """Carve validation from train by leakage group (building, location cell), so no place is seen in both."""
+    groups = sorted({p.leakage_key for p in pairs})
     rng = random.Random(seed)
     rng.shuffle(groups)
     n_val = max(1, round(len(groups) * val_fraction)) if val_fraction > 0 else 0
     val_groups = set(groups[:n_val])
-    return [p for p in pairs if p.group not in val_groups], [p for p in pairs if p.group in val_groups]
+    return (
+        [p for p in pairs if p.leakage_key not in val_groups],
+        [p for p in pairs if p.leakage_key in val_groups],
+    )
 
 
 def nearest_other_places(pairs: Sequence[Pair], pool: int) -> np.ndarray:

@@ -201,3 +201,39 @@ def test_hard_negatives_are_the_nearest_other_places() -> None:
     neighbours = nearest_other_places(pairs, pool=2)
     assert sorted(neighbours[3].tolist()) == [2, 4]  # never #10, which shows the same place
     assert sorted(neighbours[0].tolist()) == [1, 2]
+
+
+def test_trains_on_geotext_format_without_touching_test(tiny_model_dir, tmp_path: Path) -> None:
+    from retriever.errors import DataFormatError
+    from retriever.train import load_pairs
+    from tests.data.geotext1652.data import make_geotext1652
+
+    root = make_geotext1652(tmp_path / "geotext")
+    pairs = load_pairs(f"geotext1652:{root}")
+    train, val = split_by_group(pairs, 0.3, seed=0)
+    assert {p.leakage_key for p in train}.isdisjoint({p.leakage_key for p in val}) and val
+    with pytest.raises(DataFormatError, match="test"):
+        load_pairs(f"geotext1652:{root}:split=test")
+    summary = main(
+        [
+            "--model",
+            str(tiny_model_dir("qwen2_vl")),
+            "--data",
+            f"geotext1652:{root}",
+            "--out",
+            str(tmp_path / "run"),
+            "--adapter",
+            "lora",
+            "--rank",
+            "2",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--val-fraction",
+            "0.3",
+            "--eval-every",
+            "1",
+        ]
+    )
+    assert summary["steps"] == 2 and 0.0 <= summary["best_val"] <= 1.0

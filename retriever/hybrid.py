@@ -1,0 +1,79 @@
+"""Hybrid ranking: the MLLM's pixel similarity fused with BM25 over each tile's context text (e.g. OSM names)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def fold(text: str) -> str:
+    """Lower-case and strip accents, so "Töölö" and "toolo" meet."""
+    decomposed = unicodedata.normalize("NFKD", text.lower())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def tokenize(text: str) -> list[str]:
+    return TOKEN.findall(fold(text))
+
+
+class ContextMatcher:
+    """BM25 (rank_bm25.BM25Okapi) over one context string per tile."""
+
+    def __init__(self, contexts: Sequence[str]) -> None:
+        from rank_bm25 import BM25Okapi
+
+        self.size = len(contexts)
+        self._bm25 = BM25Okapi([tokenize(c) or ["_"] for c in contexts])
+
+    def scores(self, query: str) -> np.ndarray:
+        """(N,) BM25 score of every tile for one query."""
+        return np.asarray(self._bm25.get_scores(tokenize(query)), dtype=np.float64)
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    spread = x.std()
+    return (x - x.mean()) / spread if spread > 0 else np.zeros_like(x)
+
+
+def fuse(similarity: np.ndarray, text_match: np.ndarray, weight: float) -> np.ndarray:
+    """weight * z(similarity) + (1 - weight) * z(text match), over the gallery: (N,), (N,) -> (N,)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must lie in [0, 1], got {weight}")
+    return weight * _standardise(similarity) + (1.0 - weight) * _standardise(text_match)
+
+
+def hybrid_search(
+    index: Any,
+    retriever: Any,
+    text: str,
+    k: int,
+    weight: float = 0.5,
+    column: str = "features",
+    within: Any = None,
+) -> list[Any]:
+    """Rank the whole index by fuse(MLLM similarity, BM25 over `column`); hits keep their MLLM similarity as score."""
+    if column not in index.tiles.columns:
+        raise ValueError(
+            f"The index has no context column {column!r}; columns: {', '.join(index.context_columns)}"
+        )
+    index.check_retriever(retriever)
+    matcher = getattr(index, "_context_matcher", None)
+    if matcher is None or matcher.size != len(index):
+        matcher = ContextMatcher([str(c) for c in index.tiles[column]])
+        index._context_matcher = matcher  # built once per index: BM25 statistics do not change
+    query = retriever.encode_queries([text])[0].numpy()  # (D,)
+    similarity = np.asarray(index.embeddings, dtype=np.float32) @ query  # (N,)
+    fused = fuse(similarity, matcher.scores(text), weight)
+    rows = index.rows_within(within)
+    if rows is not None:
+        keep = np.full(len(fused), -np.inf)
+        keep[rows] = fused[rows]
+        fused = keep
+    order = np.argsort(-fused, kind="stable")[: min(k, len(fused) if rows is None else len(rows))]
+    return [index.hit(int(row), rank, float(similarity[row])) for rank, row in enumerate(order, 1)]
