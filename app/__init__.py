@@ -31,5 +31,6 @@ def main(argv: list[str] | None = None) -> None:
         notice=backend.notice,
         basemap=config.basemap,
         concurrency=config.concurrency,
+        hybrid_weight=config.hybrid,
     )
     demo.launch(server_name=config.host, server_port=config.port, css=CSS)

@@ -58,11 +58,18 @@ class Engine:
     reason: Callable[[str, Any], Iterator[str]] | None = None
 
 
-def make_engine(retriever: Any, index: Any, explainer: Any = None) -> Engine:
-    """Bind a retriever, an index and an optional explainer (`confidence`, `reason`) into an Engine."""
+def make_engine(retriever: Any, index: Any, explainer: Any = None, hybrid_weight: float | None = None) -> Engine:
+    """Bind a retriever, an index and an optional explainer (`confidence`, `reason`) into an Engine.
+
+    hybrid_weight in [0, 1] fuses the similarity with BM25 over the tiles' `features` context (1 = pixels only).
+    """
 
     @on_gpu
     def rank(query: str, k: int, within: Any) -> list[Any]:
+        if hybrid_weight is not None:
+            from retriever.hybrid import hybrid_search
+
+            return hybrid_search(index, retriever, query, k, weight=hybrid_weight, within=within)
         return list(index.search_text(retriever, [query], k=k, within=within)[0])
 
     if explainer is None:

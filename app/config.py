@@ -31,6 +31,7 @@ ENV_VARS: dict[str, str] = {
     "concurrency": "GEOTEXT_CONCURRENCY",
     "host": "GEOTEXT_HOST",
     "port": "GEOTEXT_PORT",
+    "hybrid": "GEOTEXT_HYBRID",
 }
 EXPLAIN_MODES = ("auto", "on", "off")
 BASEMAPS = ("offline", "osm", "satellite")  # keys of app.maps.BASEMAPS; kept here so parsing stays light
@@ -57,6 +58,7 @@ class AppConfig:
     host: str | None = None  # None lets Gradio decide (GRADIO_SERVER_NAME on a Space)
     port: int | None = None
     examples: list[str] = field(default_factory=list)
+    hybrid: float | None = None  # fuse with BM25 over the tiles' OSM context; None = pixels only
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (default: Gradio's, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default: Gradio's, 7860)")
     p.add_argument("--examples", help="text file with one example description a line")
+    p.add_argument("--hybrid", type=float, help="weight in [0, 1] of the MLLM score fused with BM25 over the "
+                   "tiles' context text (1 = pixels only; default: off)")
     return p
 
 
@@ -98,6 +102,10 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     for name in ("concurrency", "port"):
         if values[name] is not None:
             values[name] = int(values[name])
+    if values["hybrid"] is not None:
+        values["hybrid"] = float(values["hybrid"])
+        if not 0.0 <= values["hybrid"] <= 1.0:
+            raise SystemExit("--hybrid must lie between 0 and 1")
     _check_choice("explain", values["explain"], EXPLAIN_MODES)
     _check_choice("basemap", values["basemap"], BASEMAPS)
     if values["concurrency"] < 1:
@@ -188,7 +196,11 @@ def load_explainer(config: AppConfig, retriever: Any) -> Any:
     try:
         from retriever.explain import Explainer
 
-        return Explainer(retriever)
+        # An adapter that trained the vision tower itself (the demo's) cannot be switched off without blinding
+        # the model; a plain LoRA is switched off for writing, as the explanations issue asks.
+        peft_config = getattr(retriever.model, "peft_config", {}).get("default")
+        trained_vision = bool(getattr(peft_config, "modules_to_save", None))
+        return Explainer(retriever, adapter_off=not trained_vision, autocast_bf16=retriever.device.type == "cpu")
     except Exception as error:
         if config.explain == "on":
             raise SystemExit(f"--explain on, but the explainer could not be loaded: {error}") from error

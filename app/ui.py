@@ -49,10 +49,11 @@ def build_demo(
     basemap: str = "offline",
     concurrency: int = 1,
     reason_top: int = REASON_TOP,
+    hybrid_weight: float | None = None,
 ) -> gr.Blocks:
     """The app. With no retriever or index it still starts, and shows `notice` (what to pass) instead."""
     ready = retriever is not None and index is not None
-    engine = callbacks.make_engine(retriever, index, explainer) if ready else None
+    engine = callbacks.make_engine(retriever, index, explainer, hybrid_weight) if ready else None
     if not ready and notice is None:
         notice = "No model or index is loaded: start the app with `--model PATH --index PATH`."
     examples = list(examples) if examples else list(FALLBACK_EXAMPLES)

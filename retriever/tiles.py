@@ -176,7 +176,9 @@ def _load_sidecar(path: Path, opts: TileOptions) -> gpd.GeoDataFrame:
         geometry = None
     else:
         try:
-            table = gpd.read_parquet(sidecar) if sidecar.suffix.lower() == ".parquet" else gpd.read_file(sidecar)
+            table = (
+                gpd.read_parquet(sidecar) if sidecar.suffix.lower() == ".parquet" else gpd.read_file(sidecar)
+            )
         except Exception as exc:  # pyogrio raises several types; the user needs the file name
             raise DataFormatError(f"cannot read sidecar {sidecar}: {exc}") from exc
         if table.crs is not None:
