@@ -30,7 +30,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 bench: install
-	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+	for b in benchmarks/bench_*.py; do echo "== $$b"; PYTHONPATH=. $(PY) $$b; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

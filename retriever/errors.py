@@ -31,3 +31,7 @@ class CorruptIndexError(RetrieverError):
 
 class DataFormatError(RetrieverError):
     """A dataset or tile source does not have the expected layout."""
+
+
+class EmptySelectionError(RetrieverError, ValueError):
+    """A spatial filter selects no tile."""

@@ -10,6 +10,15 @@ from typing import Any
 import numpy as np
 
 TOKEN = re.compile(r"[a-z0-9]+")
+# Function words and the scaffolding of a pedestrian's description: they name no place, so they only add noise.
+STOPWORDS = frozenset(
+    """
+a an the and or of to in on at by for with from into onto is are was be it its this that there here
+i i'm im me my we you your can see saw looks like just some right left side front back behind ahead
+across over opposite near nearby next close far where which what any idea am so okay hi hello help lost
+think maybe probably guess perhaps not sure but sign signs reads says read
+""".split()
+)  # noqa: SIM905
 
 
 def fold(text: str) -> str:
@@ -19,7 +28,8 @@ def fold(text: str) -> str:
 
 
 def tokenize(text: str) -> list[str]:
-    return TOKEN.findall(fold(text))
+    """Accent-folded word tokens without stopwords."""
+    return [w for w in TOKEN.findall(fold(text)) if w not in STOPWORDS]
 
 
 class ContextMatcher:

@@ -820,12 +820,22 @@ def _load_retriever(
     return load_retriever(model, adapter=adapter, quantization=quantization, device=device)
 
 
-def _portable(path: str | None) -> str | None:
-    """A local path made absolute (so the index can reload it from anywhere); a hub id unchanged."""
+def _portable(path: str | None, index_folder: Path) -> str | None:
+    """A local path made relative to the index folder (the pair can move together); a hub id unchanged."""
     if path is None:
         return None
     local = Path(path).expanduser()
-    return str(local.resolve()) if local.exists() else path
+    if not local.exists():
+        return path
+    return os.path.relpath(local.resolve(), index_folder.resolve())
+
+
+def resolve_load_path(path: str | None, index_folder: str | Path) -> str | None:
+    """Undo _portable: a recorded relative path is relative to the index folder."""
+    if path is None or Path(path).is_absolute():
+        return path
+    candidate = Path(index_folder) / path
+    return str(candidate.resolve()) if candidate.exists() else path
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -843,8 +853,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"{len(tiles)} tiles from {args.tiles}", file=sys.stderr)
     retriever = _load_retriever(args.model, args.adapter, args.quantization, args.device)
     load_args = {
-        "model": _portable(args.model),
-        "adapter": _portable(args.adapter),
+        "model": _portable(args.model, out),
+        "adapter": _portable(args.adapter, out),
         "quantization": args.quantization,
     }
     build_index(

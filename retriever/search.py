@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from retriever.errors import RetrieverError
-from retriever.index import Hit, TileIndex, hits_to_csv, hits_to_geojson, read_manifest
+from retriever.index import Hit, TileIndex, hits_to_csv, hits_to_geojson, read_manifest, resolve_load_path
 from retriever.spatial import parse_within
 
 JSON_OUTPUT = """\
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe = read_manifest(args.index).get("load")
             if not recipe:
                 raise RetrieverError(f"{args.index} does not record how to load its retriever; pass --model")
+            recipe = {**recipe, **{k: resolve_load_path(recipe.get(k), args.index) for k in ("model", "adapter")}}
         retriever = _load_retriever(**recipe, device=args.device)
         index = TileIndex.load(args.index, retriever, device=args.device, backend=args.backend)
         hits = index.search_text(retriever, args.query, args.k, within=area)

@@ -13,14 +13,10 @@ from pyproj import CRS, Transformer
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import transform as shapely_transform
 
-from retriever.errors import DataFormatError, RetrieverError
+from retriever.errors import DataFormatError, EmptySelectionError
 
 WGS84 = CRS.from_epsg(4326)
 CIRCLE_QUAD_SEGMENTS = 64  # 256 vertices: the polygon departs from the true circle by < 1e-4 of the radius
-
-
-class EmptySelectionError(RetrieverError, ValueError):
-    """A spatial filter selects no tile of the gallery."""
 
 
 def _bbox(w: float, s: float, e: float, n: float) -> BaseGeometry:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +15,7 @@ from shapely.geometry import Point
 from shapely.ops import nearest_points
 from tqdm import tqdm
 
+from ..hybrid import tokenize  # one tokenizer for the baseline and the app's hybrid mode
 from .osm import METRIC_CRS, Layers, named_features
 
 SPLITS = ("train", "val")
@@ -844,24 +843,8 @@ def generate_descriptions(
 
 # --- baselines ---------------------------------------------------------------------------------------------------
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+
 # Function words and the pedestrian's framing ("on my left I see"): they match every tile's text by chance.
-_STOPWORD_TEXT = """
-a an the and or of to in on at by for with from into onto is are was be it its this that there here
-i i'm im me my we you your can see saw looks like just some right left side front back behind ahead
-across over opposite near nearby next close far where which what any idea am so okay hi hello help lost
-think maybe probably guess perhaps not sure but sign signs reads says read
-"""
-STOPWORDS = frozenset(_STOPWORD_TEXT.split())
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-case word tokens with accents folded (people type "cafe" and "Toolonlahti"), stopwords dropped."""
-    folded = unicodedata.normalize("NFKD", text.lower())
-    folded = "".join(c for c in folded if not unicodedata.combining(c))
-    return [w for w in _WORD.findall(folded) if w not in STOPWORDS]
-
-
 def bm25_scores(queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
     """(Q, T) BM25 scores of each query against each tile's context text."""
     from rank_bm25 import BM25Okapi
