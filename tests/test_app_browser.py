@@ -56,8 +56,9 @@ def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, cal
 @pytest.fixture
 def page(tmp_path: Path) -> Iterator:
     if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+        pytest.fail("Debian's chromium is not installed: `make chromium` (apt-get install chromium)")
+    from playwright import sync_api
+
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.erm:
         from ..explain import Explainer
 
-        explainer = Explainer(retriever, adapter_off=False, autocast_bf16=True)  # as the app does for this adapter
+        explainer = Explainer(retriever, adapter_off=True, autocast_bf16=True)  # as the app does
         subset = val[: args.erm]
         position = {t: i for i, t in enumerate(tiles["tile_id"])}
         reranked = sim_val[: args.erm].copy()
