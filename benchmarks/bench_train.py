@@ -16,7 +16,7 @@ def one_run(model: str, batch: int, chunk: int, steps: int, out: str, data: str)
     """Runs in a fresh process, so its peak RSS is the run's own."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one thread: figures that survive a busy neighbour
     from retriever.toy import make_toy_pairs
     from retriever.train import TrainConfig, Trainer
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = str(make_tiny_model(args.family, Path(tmp) / "model"))
-        print(f"tiny {args.family}, LoRA r=8, 2 threads, CPU; peak RSS of a fresh process per run")
+        print(f"tiny {args.family}, LoRA r=8, 1 thread, CPU; peak RSS of a fresh process per run")
         print(f"{'batch':>6} {'mode':>18} {'samples/s':>10} {'peak RSS MB':>12} {'RSS growth in steps MB':>23}")
         for batch in [int(b) for b in args.batches.split(",")]:
             for mode, chunk in (("plain (no chunks)", batch), (f"GradCache chunk {args.chunk}", args.chunk)):
