@@ -56,9 +56,12 @@ class Engine:
     rank: Callable[[str, int, Any], list[Any]]  # (query, k, within) -> hits
     confidence: Callable[[str, list[Any]], list[float]] | None = None
     reason: Callable[[str, Any], Iterator[str]] | None = None
+    heatmap: Callable[[str, Any], Image.Image] | None = None  # (query, hit) -> relevance overlay
 
 
-def make_engine(retriever: Any, index: Any, explainer: Any = None, hybrid_weight: float | None = None) -> Engine:
+def make_engine(
+    retriever: Any, index: Any, explainer: Any = None, hybrid_weight: float | None = None
+) -> Engine:
     """Bind a retriever, an index and an optional explainer (`confidence`, `reason`) into an Engine.
 
     hybrid_weight in [0, 1] fuses the similarity with BM25 over the tiles' `features` context (1 = pixels only).
@@ -83,7 +86,12 @@ def make_engine(retriever: Any, index: Any, explainer: Any = None, hybrid_weight
     def reason(query: str, hit: Any) -> Iterator[str]:
         yield from explainer.reason(query, hit)
 
-    return Engine(rank=rank, confidence=confidence, reason=reason)
+    @on_gpu
+    def heatmap(query: str, hit: Any) -> Image.Image:
+        return explainer.heatmap(query, hit)
+
+    has_heatmap = callable(getattr(explainer, "heatmap", None))
+    return Engine(rank=rank, confidence=confidence, reason=reason, heatmap=heatmap if has_heatmap else None)
 
 
 # --- Plain data in and out --------------------------------------------------------------------
@@ -470,6 +478,21 @@ def focus(state: SearchState | None, index: int | None) -> tuple[str, SearchStat
         return (render_map(state) if state and state.hits else maps.empty_map_iframe()), state
     state = replace(state, focus=int(state.hits[int(index)].rank))
     return render_map(state), state
+
+
+def relevance_heatmap(
+    state: SearchState | None, index: int | None, engine: Engine | None
+) -> Image.Image | None:
+    """The relevance overlay of the gallery item at `index` (0-based), or None when there is nothing to show."""
+    if engine is None or engine.heatmap is None or state is None or index is None:
+        return None
+    if not 0 <= int(index) < len(state.hits):
+        return None
+    try:
+        return engine.heatmap(state.query, state.hits[int(index)])
+    except Exception:  # a heatmap is a nicety: log it, never break the page
+        log.exception("heatmap failed")
+        return None
 
 
 def _is_library_error(error: Exception) -> bool:

@@ -127,6 +127,14 @@ def build_demo(
                 interactive=False,
                 elem_id="geotext-files",
             )
+        heatmap = gr.Image(
+            label="What drove the match: relevance over the selected tile (select a tile above)",
+            type="pil",
+            interactive=False,
+            height=260,
+            visible=engine is not None and engine.heatmap is not None,
+            elem_id="geotext-heatmap",
+        )
         state = gr.State(SearchState(basemap=basemap))
 
         search_outputs = [gallery, map_html, status, explanations, files, state]
@@ -154,5 +162,15 @@ def build_demo(
                 # A new search stops the previous one's explanations, so they never overwrite it.
                 trigger(None, cancels=[explained], api_visibility="private")
         gallery.select(on_select, inputs=[state], outputs=[map_html, state], api_visibility="private")
+        if engine is not None and engine.heatmap is not None:
+
+            def on_heatmap(state: SearchState, evt: gr.SelectData) -> Any:
+                index = evt.index if isinstance(evt.index, int) else None
+                return callbacks.relevance_heatmap(state, index, engine)
+
+            # its own listener (a .then would not receive the selection), queued behind the model
+            gallery.select(
+                on_heatmap, inputs=[state], outputs=[heatmap], api_visibility="private", **model_queue
+            )
     demo.queue(default_concurrency_limit=concurrency)
     return demo

@@ -538,3 +538,26 @@ def test_index_ranking_is_exact(backend: tuple[FakeRetriever, Any], tmp_path: Pa
     brute = (retriever.encode_queries(["red"]) @ retriever.encode_tiles([r["path"] for r in rows]).T)[0]
     assert [h.score for h in hits] == pytest.approx(sorted(brute.tolist(), reverse=True), abs=1e-3)
     assert {h.tile_id for h in hits[:2]} == {r["tile_id"] for r in rows if r["colour"] == "red"}
+
+
+def test_relevance_heatmap_is_shown_for_the_selected_tile_only() -> None:
+    from PIL import Image
+
+    from app.callbacks import Engine, SearchState, relevance_heatmap
+
+    drawn: list[tuple[str, str]] = []
+
+    def heatmap(query: str, hit) -> Image.Image:
+        drawn.append((query, hit))
+        return Image.new("RGBA", (8, 8))
+
+    engine = Engine(rank=lambda q, k, w: [], heatmap=heatmap)
+    state = SearchState(query="a red church", hits=["tile-a", "tile-b"])
+    assert isinstance(relevance_heatmap(state, 1, engine), Image.Image)
+    assert drawn == [("a red church", "tile-b")]
+    assert relevance_heatmap(state, 5, engine) is None and relevance_heatmap(None, 0, engine) is None
+
+    def broken(query: str, hit) -> Image.Image:
+        raise RuntimeError("no gradients today")
+
+    assert relevance_heatmap(state, 0, Engine(rank=engine.rank, heatmap=broken)) is None
