@@ -376,7 +376,98 @@ class FaissSearch:
         return scores, ids  # approximate indexes may pad with id -1
 
 
-BACKENDS: dict[str, Callable[..., ExactSearch | FaissSearch]] = {"torch": ExactSearch, "faiss": FaissSearch}
+def ann_topk(
+    index: Any, embeddings: np.ndarray, queries: np.ndarray, k: int, rerank: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of queries (Q, D) fp32 from a faiss index; rerank > 1 fetches k x rerank candidates and re-scores
+    them exactly against the stored (memory-mapped) rows, so only Q x k x rerank rows are read.
+
+    Returns scores, ids (Q, k); ids are -1 where the index found fewer than k.
+    """
+    if rerank <= 1:
+        return index.search(queries, k)
+    _, cand = index.search(queries, k * rerank)  # (Q, kR)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for qi, (q, c) in enumerate(zip(queries, cand, strict=True)):
+        c = np.sort(c[c >= 0])  # sorted reads from the memory map
+        exact = np.asarray(embeddings[c], dtype=np.float32) @ q  # (kR,)
+        top = np.argsort(-exact, kind="stable")[:k]
+        scores[qi, : len(top)], ids[qi, : len(top)] = exact[top], c[top]
+    return scores, ids
+
+
+class AnnSearch:
+    """A trained faiss ANN index stored next to the embeddings (written by `optimize`), read into memory.
+
+    Unfiltered searches go through the ANN index (approximate; ids may be padded with -1), optionally
+    re-scoring k x rerank candidates exactly against the stored rows. Searches with a spatial filter fall
+    back to the exact scan of the filtered rows: an IVF or HNSW index cannot restrict its candidates
+    cheaply, and a filtered area is usually small enough for exact search anyway.
+    """
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        device: torch.device,
+        path: str | Path,
+        params: str | None = None,
+        chunk_rows: int | None = None,
+        rerank: int = 0,
+    ) -> None:
+        faiss = _import_faiss()
+        path = Path(path)
+        if not path.is_file():
+            raise CorruptIndexError(f"{path} is missing; rerun `python -m retriever.index optimize`")
+        try:
+            self.index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise CorruptIndexError(f"cannot read the ANN index {path}: {exc}") from exc
+        n, dim = embeddings.shape
+        if self.index.ntotal != n or self.index.d != dim:
+            raise CorruptIndexError(
+                f"{path} holds {self.index.ntotal} x {self.index.d} vectors, the embeddings {n} x {dim}; "
+                "rerun `python -m retriever.index optimize`"
+            )
+        if params:  # e.g. "nprobe=32" or "efSearch=128"
+            faiss.ParameterSpace().set_index_parameters(self.index, params)
+        self.params, self.rerank, self.embeddings = params, rerank, embeddings
+        self.exact = ExactSearch(embeddings, device, chunk_rows)
+
+    def topk(self, queries: torch.Tensor, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if rows is not None:  # spatial filter: exact over the filtered rows
+            return self.exact.topk(queries, k, rows)
+        q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)  # (Q, D)
+        return ann_topk(self.index, self.embeddings, q, k, self.rerank)  # scores, ids (Q, k)
+
+
+BACKENDS: dict[str, Callable[..., ExactSearch | FaissSearch | AnnSearch]] = {
+    "torch": ExactSearch,
+    "faiss": FaissSearch,
+    "ann": AnnSearch,
+}
+
+
+def _ann_options(folder: Path, manifest: dict) -> dict:
+    ann = manifest.get("ann")
+    if not ann:
+        raise ValueError(
+            f"{folder} has no ANN index; build one with `python -m retriever.index optimize {folder} --faiss ...`"
+        )
+    return {"path": folder / ann["file"], "params": ann.get("params"), "rerank": int(ann.get("rerank", 0))}
+
+
+# Options a backend reads from the index folder and its manifest (others need none).
+BACKEND_OPTIONS: dict[str, Callable[[Path, dict], dict]] = {"ann": _ann_options}
+
+
+def resolve_backend(manifest: dict, backend: str | None = None, exact: bool = False) -> str:
+    """The backend a load uses: the one asked for, else "ann" when the index has one (and exact is off), else "torch"."""
+    if backend == "ann" and exact:
+        raise ValueError('backend="ann" is approximate; drop exact=True or pick "torch"')
+    if backend is not None:
+        return backend
+    return "ann" if manifest.get("ann") and not exact else "torch"
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -489,6 +580,7 @@ class TileIndex:
             raise ValueError(f"unknown search backend {backend!r}; choose one of {sorted(BACKENDS)}")
         self.folder, self.manifest, self.embeddings, self.tiles = folder, manifest, embeddings, tiles
         self.device = device
+        self.backend_name = backend
         self.backend = BACKENDS[backend](embeddings, device, **(backend_options or {}))
         # Columns as arrays once, so building a Hit is a few lookups.
         self._ids = tiles["tile_id"].astype(str).to_numpy()
@@ -511,16 +603,19 @@ class TileIndex:
         retriever: QueryEncoder | None = None,
         device: str | torch.device | None = None,
         *,
-        backend: str = "torch",
+        backend: str | None = None,
         mmap: bool = True,
         verify: bool = False,
+        exact: bool = False,
         **backend_options: Any,
     ) -> TileIndex:
         """Open an index folder, checking its files; refuses (IndexMismatchError) a retriever with another fingerprint.
 
         backend: "torch" (exact; GPU when present; on CPU, batches of <= 2 queries use a zero-copy faiss
-        scan of the same table) or "faiss" (an in-memory faiss index; backend_options: factory, params).
-        verify also checks the embeddings' sha256 (reads the whole file).
+        scan of the same table), "faiss" (an in-memory faiss index; backend_options: factory, params) or
+        "ann" (the trained index written by `optimize`; backend_options: params). None (the default) picks
+        "ann" when the manifest records one and exact is False, else "torch". Filtered searches are exact
+        with every backend. verify also checks the embeddings' sha256 (reads the whole file).
         """
         folder = Path(folder).expanduser().resolve()
         manifest = read_manifest(folder)
@@ -535,6 +630,9 @@ class TileIndex:
         if len(tiles) != manifest["n"]:
             raise CorruptIndexError(f"{TILES} has {len(tiles)} rows, the manifest says {manifest['n']}")
         tiles = tiles.to_crs(WGS84) if tiles.crs is not None and tiles.crs != WGS84 else tiles
+        backend = resolve_backend(manifest, backend, exact)
+        if backend in BACKEND_OPTIONS:
+            backend_options = {**BACKEND_OPTIONS[backend](folder, manifest), **backend_options}
         return cls(folder, manifest, embeddings, tiles, pick_device(device), backend, backend_options)
 
     @property
@@ -809,7 +907,178 @@ def build_index(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command line: python -m retriever.index build|info
+# Approximate search: python -m retriever.index optimize
+
+ANN_FILE = "ann.faiss"
+ADD_CHUNK_ROWS = 1 << 16  # rows widened to fp32 at a time while adding (64k x 1024 x 4 B = 256 MiB)
+
+
+def _ivf_params(index: Any, nprobe: int | None, ef_search: int | None) -> str | None:
+    return f"nprobe={nprobe or 32}"
+
+
+def _hnsw_params(index: Any, nprobe: int | None, ef_search: int | None) -> str | None:
+    return f"efSearch={ef_search or 128}"
+
+
+# Search-time parameters by the kind of trained index (first match wins); flat indexes have none.
+SEARCH_PARAMS: dict[str, Callable[[Any, int | None, int | None], str | None]] = {
+    "ivf": _ivf_params,
+    "hnsw": _hnsw_params,
+}
+
+
+def _index_kind(index: Any) -> str | None:
+    import faiss
+
+    kinds = {
+        "ivf": faiss.try_extract_index_ivf(index) is not None,
+        "hnsw": hasattr(faiss.downcast_index(index), "hnsw"),
+    }
+    return next((kind for kind, present in kinds.items() if present), None)
+
+
+def _no_polysemous_training(index: Any) -> None:
+    """Skip PQ's polysemous training (factory default): search never uses Hamming filtering, and it is slow."""
+    import faiss
+
+    for part in (index, faiss.try_extract_index_ivf(index)):
+        if part is not None and hasattr(faiss.downcast_index(part), "do_polysemous_training"):
+            faiss.downcast_index(part).do_polysemous_training = False
+
+
+def _rows_fp32(embeddings: np.ndarray, rows: np.ndarray, chunk_rows: int = ADD_CHUNK_ROWS) -> np.ndarray:
+    """embeddings[rows] widened to fp32, gathered in chunks from the (memory-mapped) table; rows sorted."""
+    out = np.empty((len(rows), embeddings.shape[1]), dtype=np.float32)  # (M, D)
+    for start in range(0, len(rows), chunk_rows):
+        out[start : start + chunk_rows] = embeddings[rows[start : start + chunk_rows]]
+    return out
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean fraction of the exact top-k (Q, k) found in the approximate top-k (Q, k)."""
+    k = exact_ids.shape[1]
+    found = [len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approx_ids, exact_ids, strict=True)]
+    return float(np.mean(found) / k)
+
+
+def recall_queries(embeddings: np.ndarray, count: int, seed: int = 1, noise: float = 0.1) -> np.ndarray:
+    """count stored rows (random) plus Gaussian noise of relative size noise, L2-normalised: (Q, D) fp32."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(embeddings), size=min(count, len(embeddings)), replace=False))
+    q = _rows_fp32(embeddings, rows)  # (Q, D)
+    scale = noise * np.linalg.norm(q, axis=1, keepdims=True) / math.sqrt(q.shape[1])
+    q += rng.standard_normal(q.shape).astype(np.float32) * scale
+    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    return q
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    tmp = _atomic_path(folder / MANIFEST)
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def optimize_index(
+    folder: str | Path,
+    factory: str,
+    *,
+    train_sample: int = 500_000,
+    params: str | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    rerank: int = 0,
+    num_queries: int = 1000,
+    k: int = 10,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> dict:
+    """Train a faiss index (factory string, inner product) next to the embeddings; returns the manifest's "ann" entry.
+
+    The embeddings are read memory-mapped: only the training sample (train_sample x D fp32) and one chunk of
+    ADD_CHUNK_ROWS rows are ever widened to fp32. recall@k against exact search is measured on num_queries
+    noisy stored rows. Order: ann.faiss (tmp + rename), then manifest.json rewritten with "ann" (tmp + rename).
+    params (a faiss ParameterSpace string) overrides nprobe / ef_search (defaults: nprobe=32, efSearch=128).
+    rerank > 1 re-scores k x rerank ANN candidates exactly against the stored rows at search time (recorded;
+    recall is measured with it): the cure for PQ's coarse scores at the cost of k x rerank row reads.
+    """
+    import time
+
+    faiss = _import_faiss()
+    folder = Path(folder).expanduser().resolve()
+    manifest = read_manifest(folder)
+    _check_embeddings(folder / manifest["embeddings"]["file"], manifest, verify=False)
+    embeddings = np.load(folder / manifest["embeddings"]["file"], mmap_mode="r")  # (N, D) fp16/fp32, on disk
+    n, dim = embeddings.shape
+    show = progress if progress is not None else n >= 100_000
+    started = time.perf_counter()
+
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"faiss cannot build {factory!r}: {str(exc).strip().splitlines()[-1]}") from exc
+    _no_polysemous_training(index)
+    sample_size = 0
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(n, size=min(n, train_sample), replace=False))
+        sample_size = len(sample)
+        log.info("training %s on %d of %d vectors", factory, sample_size, n)
+        train = _rows_fp32(embeddings, sample)  # (M, D) fp32
+        index.train(train)
+        del train
+    trained = time.perf_counter()
+    with tqdm(total=n, desc=f"adding to {factory}", unit="vec", disable=not show) as bar:
+        for start in range(0, n, ADD_CHUNK_ROWS):
+            chunk = np.ascontiguousarray(
+                embeddings[start : start + ADD_CHUNK_ROWS], dtype=np.float32
+            )  # (C, D)
+            index.add(chunk)
+            bar.update(len(chunk))
+    built = time.perf_counter()
+
+    kind = _index_kind(index)
+    if params is None and kind in SEARCH_PARAMS:
+        params = SEARCH_PARAMS[kind](index, nprobe, ef_search)
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+
+    queries = recall_queries(embeddings, num_queries, seed=seed + 1)  # (Q, D)
+    _, exact_ids = ExactSearch(embeddings, torch.device("cpu")).topk(torch.from_numpy(queries), k, None)
+    t0 = time.perf_counter()
+    _, approx_ids = ann_topk(index, embeddings, queries, k, rerank)  # (Q, k)
+    query_seconds = time.perf_counter() - t0
+    recall = recall_at_k(approx_ids, exact_ids)
+
+    target = folder / ANN_FILE
+    tmp = _atomic_path(target)
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, target)
+    entry = {
+        "file": ANN_FILE,
+        "factory": factory,
+        "kind": kind,
+        "params": params,
+        "rerank": rerank,
+        "metric": "inner_product",
+        f"recall@{k}": round(recall, 4),
+        "recall_queries": len(queries),
+        "recall_noise": 0.1,
+        "train_sample": sample_size,
+        "train_seconds": round(trained - started, 2),
+        "add_seconds": round(built - trained, 2),
+        "build_seconds": round(built - started, 2),
+        "query_ms_per_query": round(1000 * query_seconds / max(len(queries), 1), 4),
+        "bytes": target.stat().st_size,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "faiss": faiss.__version__,
+    }
+    _write_manifest(folder, {**manifest, "ann": entry})  # last: the entry proves ann.faiss is complete
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: python -m retriever.index build|info|optimize
 
 
 def _load_retriever(
@@ -851,25 +1120,51 @@ def _cmd_build(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
     )
     print(f"{len(tiles)} tiles from {args.tiles}", file=sys.stderr)
-    retriever = _load_retriever(args.model, args.adapter, args.quantization, args.device)
     load_args = {
         "model": _portable(args.model, out),
         "adapter": _portable(args.adapter, out),
         "quantization": args.quantization,
     }
-    build_index(
-        retriever,
-        tiles,
-        out,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        dtype=args.dtype,
-        thumbnail_px=args.thumbnail_px,
-        progress=False if args.no_progress else None,
-        load_args=load_args,
-    )
+    options = {
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
+        "dtype": args.dtype,
+        "thumbnail_px": args.thumbnail_px,
+        "progress": False if args.no_progress else None,
+        "load_args": load_args,
+    }
+    ENGINES[args.engine](args, tiles, out, options)
     print(f"index written to {out} ({len(tiles)} tiles)", file=sys.stderr)
     return 0
+
+
+def _build_local(args: argparse.Namespace, tiles: gpd.GeoDataFrame, out: Path, options: dict) -> Path:
+    retriever = _load_retriever(args.model, args.adapter, args.quantization, args.device)
+    return build_index(retriever, tiles, out, **options)
+
+
+def _build_ray(args: argparse.Namespace, tiles: gpd.GeoDataFrame, out: Path, options: dict) -> Path:
+    import functools
+
+    from retriever.ray_build import ray_build_index  # lazy: ray is an optional dependency
+
+    factory = functools.partial(_load_retriever, args.model, args.adapter, args.quantization, args.device)
+    return ray_build_index(
+        factory,
+        tiles,
+        out,
+        num_workers=args.num_workers,
+        gpus_per_worker=args.gpus_per_worker,
+        ray_address=args.ray_address,
+        **options,
+    )
+
+
+# Embedding engines for `build`: in this process, or on Ray actors (local mode or a cluster).
+ENGINES: dict[str, Callable[[argparse.Namespace, gpd.GeoDataFrame, Path, dict], Path]] = {
+    "local": _build_local,
+    "ray": _build_ray,
+}
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -878,7 +1173,36 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"build": _cmd_build, "info": _cmd_info}
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    try:
+        entry = _optimize_from_args(args)
+    except ValueError as exc:  # e.g. a factory string faiss cannot parse
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(entry, indent=2))
+    return 0
+
+
+def _optimize_from_args(args: argparse.Namespace) -> dict:
+    return optimize_index(
+        args.index,
+        args.faiss,
+        train_sample=args.train_sample,
+        params=args.params,
+        nprobe=args.nprobe,
+        ef_search=args.ef_search,
+        rerank=args.rerank,
+        num_queries=args.recall_queries,
+        seed=args.seed,
+        progress=False if args.no_progress else None,
+    )
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "build": _cmd_build,
+    "info": _cmd_info,
+    "optimize": _cmd_optimize,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -909,10 +1233,33 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="stored embedding precision")
     build.add_argument("--thumbnail-px", type=int, default=256, help="thumbnail side; 0 = none")
     build.add_argument("--no-progress", action="store_true")
+    build.add_argument("--engine", choices=["local", "ray"], default="local", help="where tiles are embedded")
+    build.add_argument("--ray-address", help="Ray cluster address, e.g. auto (default: local mode)")
+    build.add_argument("--num-workers", type=int, default=1, help="Ray actors, one retriever replica each")
+    build.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor")
 
     info = sub.add_parser("info", help="check an index folder and print its manifest")
     info.add_argument("index")
     info.add_argument("--verify", action="store_true", help="also check the embeddings' sha256")
+
+    opt = sub.add_parser(
+        "optimize", help="train a faiss ANN index next to the embeddings; search then uses it by default"
+    )
+    opt.add_argument("index", help="index folder written by build")
+    opt.add_argument("--faiss", required=True, help='faiss factory string, e.g. "IVF4096,PQ64" or "HNSW32"')
+    opt.add_argument("--train-sample", type=int, default=500_000, help="vectors sampled for training")
+    knob = opt.add_mutually_exclusive_group()
+    knob.add_argument("--nprobe", type=int, help="IVF lists probed per query (default 32)")
+    knob.add_argument("--ef-search", type=int, help="HNSW search breadth (default 128)")
+    knob.add_argument(
+        "--params", help='raw faiss ParameterSpace string, e.g. "nprobe=16,quantizer_efSearch=64"'
+    )
+    opt.add_argument(
+        "--rerank", type=int, default=0, help="re-score k x RERANK candidates exactly (0 = off; 10 for PQ)"
+    )
+    opt.add_argument("--recall-queries", type=int, default=1000, help="queries for the recall@10 check")
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--no-progress", action="store_true")
     return parser
 
 

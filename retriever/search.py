@@ -59,7 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", help="adapter folder (with --model)")
     parser.add_argument("--quantization", default="none", help="quantization (with --model)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
-    parser.add_argument("--backend", choices=["torch", "faiss"], default="torch", help="search backend")
+    parser.add_argument(
+        "--backend",
+        choices=["torch", "faiss", "ann"],
+        help="search backend (default: ann when `optimize` built one, else torch = exact)",
+    )
+    parser.add_argument(
+        "--exact", action="store_true", help="exact search even when the index has an ANN index"
+    )
     return parser
 
 
@@ -81,9 +88,14 @@ def main(argv: list[str] | None = None) -> int:
             recipe = read_manifest(args.index).get("load")
             if not recipe:
                 raise RetrieverError(f"{args.index} does not record how to load its retriever; pass --model")
-            recipe = {**recipe, **{k: resolve_load_path(recipe.get(k), args.index) for k in ("model", "adapter")}}
+            recipe = {
+                **recipe,
+                **{k: resolve_load_path(recipe.get(k), args.index) for k in ("model", "adapter")},
+            }
         retriever = _load_retriever(**recipe, device=args.device)
-        index = TileIndex.load(args.index, retriever, device=args.device, backend=args.backend)
+        index = TileIndex.load(
+            args.index, retriever, device=args.device, backend=args.backend, exact=args.exact
+        )
         hits = index.search_text(retriever, args.query, args.k, within=area)
     except (RetrieverError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
