@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(f"--{k} {v}" for k, v in ENV_VARS.items()),
     )
     p.add_argument("--model", help=f"model folder or hub id (default: the bundled demo, {DEMO_MODEL})")
-    p.add_argument("--adapter", help="LoRA/DoRA adapter folder (default: the demo's with the demo model, else none)")
+    p.add_argument(
+        "--adapter", help="LoRA/DoRA adapter folder (default: the demo's with the demo model, else none)"
+    )
     p.add_argument(
         "--quantization", help="none, 4bit or 8bit: the retriever's loader checks it (default: none)"
     )
@@ -80,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (default: Gradio's, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default: Gradio's, 7860)")
     p.add_argument("--examples", help="text file with one example description a line")
-    p.add_argument("--hybrid", type=float, help="weight in [0, 1] of the MLLM score fused with BM25 over the "
-                   "tiles' context text (1 = pixels only; default: off)")
+    p.add_argument(
+        "--hybrid",
+        type=float,
+        help="weight in [0, 1] of the MLLM score fused with BM25 over the "
+        "tiles' context text (1 = pixels only; default: off)",
+    )
     return p
 
 
