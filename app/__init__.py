@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its probing of CPU builds reads like errors
     config = parse_config(argv)
     backend = load_backend(config)
     demo = build_demo(
