@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -56,19 +57,22 @@ class RetrievalConfig:
         return cls.from_dict(json.loads((Path(folder) / CONFIG_FILE).read_text()))
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape an embedding."""
-    import importlib.metadata as md
+EMBEDDING_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
 
-    versions = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "retriever"):
-        try:
-            versions[name] = md.version("geotext-retriever" if name == "retriever" else name)
-        except md.PackageNotFoundError:
-            versions[name] = "absent"
+
+def library_versions(packages: Sequence[str] = EMBEDDING_PACKAGES) -> dict[str, str | None]:
+    """Versions of Python, this library and `packages` (None for one that is not installed)."""
+    import importlib.metadata as md
+    import platform
+
     from . import __version__
 
-    versions["retriever"] = __version__
+    versions: dict[str, str | None] = {"python": platform.python_version(), "retriever": __version__}
+    for name in packages:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
     return versions
 
 

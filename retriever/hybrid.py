@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 TOKEN = re.compile(r"[a-z0-9]+")
+BLOCK_ROWS = 65536  # rows of the embedding table scored at a time
 # Function words and the scaffolding of a pedestrian's description: they name no place, so they only add noise.
 STOPWORDS = frozenset(
     """
@@ -78,7 +79,12 @@ def hybrid_search(
         matcher = ContextMatcher([str(c) for c in index.tiles[column]])
         index._context_matcher = matcher  # built once per index: BM25 statistics do not change
     query = retriever.encode_queries([text])[0].numpy()  # (D,)
-    similarity = np.asarray(index.embeddings, dtype=np.float32) @ query  # (N,)
+    similarity = np.concatenate(  # (N,), in row blocks: never a float32 copy of a large table
+        [
+            np.asarray(index.embeddings[s : s + BLOCK_ROWS], dtype=np.float32) @ query
+            for s in range(0, len(index), BLOCK_ROWS)
+        ]
+    )
     fused = fuse(similarity, matcher.scores(text), weight)
     rows = index.rows_within(within)
     if rows is not None:

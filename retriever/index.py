@@ -8,14 +8,12 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -28,6 +26,7 @@ from PIL import Image
 from shapely.geometry.base import BaseGeometry
 from tqdm.auto import tqdm
 
+from retriever.config import library_versions
 from retriever.errors import (
     CorruptIndexError,
     DataFormatError,
@@ -49,8 +48,7 @@ SHARDS = ".shards"
 FORMAT = "geotext-retriever/tile-index"
 FORMAT_VERSION = 1
 DTYPES: dict[str, np.dtype] = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
-VERSIONED_PACKAGES = (
-    "geotext-retriever",
+VERSIONED_PACKAGES = (  # beside Python and this library's own version
     "numpy",
     "torch",
     "transformers",
@@ -481,17 +479,6 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 # Manifest and file checks
 
 
-def library_versions() -> dict[str, str | None]:
-    """Versions of Python and the packages that shape an index."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def read_manifest(folder: str | Path) -> dict:
     """The manifest of a finished index; a missing one means the build never completed."""
     folder = Path(folder)
@@ -897,7 +884,7 @@ def build_index(
             "context_columns": [str(c) for c in table.columns if c not in CORE_COLUMNS and c != "thumbnail"],
         },
         "thumbnails": {"folder": THUMBNAILS, "px": thumbnail_px} if thumbnail_px else None,
-        "versions": library_versions(),
+        "versions": library_versions(VERSIONED_PACKAGES),
     }
     tmp = _atomic_path(out / MANIFEST)
     tmp.write_text(json.dumps(manifest, indent=2))

@@ -10,11 +10,16 @@ import torch
 import torch.nn.functional as F
 
 
+def dense_codes(values: Sequence[str]) -> list[int]:
+    """Each distinct value -> 0, 1, 2, ... in order of first appearance."""
+    ids: dict[str, int] = {}
+    return [ids.setdefault(v, len(ids)) for v in values]
+
+
 def group_mask(query_groups: Sequence[str], tile_groups: Sequence[str]) -> torch.Tensor:
     """(B, M) True where tile j shows the same place as query i but is not its own positive (j != i)."""
-    ids: dict[str, int] = {}
-    q = torch.tensor([ids.setdefault(g, len(ids)) for g in query_groups])
-    t = torch.tensor([ids.setdefault(g, len(ids)) for g in tile_groups])
+    codes = torch.tensor(dense_codes([*query_groups, *tile_groups]))
+    q, t = codes[: len(query_groups)], codes[len(query_groups) :]
     same = q[:, None] == t[None, :]  # (B, M)
     same[torch.arange(len(q)), torch.arange(len(q))] = False
     return same

@@ -24,7 +24,7 @@ from .adapters import add_adapter, disable_avx512_repack, save_adapter, trainabl
 from .config import write_json_atomic
 from .encoder import Retriever, load_retriever
 from .errors import DataFormatError
-from .losses import LearnableTemperature, grad_cache_step, group_mask, info_nce
+from .losses import LearnableTemperature, dense_codes, grad_cache_step, group_mask, info_nce
 from .pairs import Pair
 
 log = logging.getLogger(__name__)
@@ -211,18 +211,13 @@ def nearest_other_places(pairs: Sequence[Pair], pool: int) -> np.ndarray:
     if torch.isnan(lat).any() or torch.isnan(lon).any():
         raise DataFormatError("Hard negatives need lat/lon on every pair")
     xyz = torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], dim=1)  # (N, 3)
-    codes = torch.tensor(pd_codes([p.group for p in pairs]))
+    codes = torch.tensor(dense_codes([p.group for p in pairs]))
     out = []
     for start in range(0, len(pairs), 4096):
         chord = torch.cdist(xyz[start : start + 4096], xyz)  # (b, N), monotone in great-circle distance
         chord[codes[start : start + 4096, None] == codes[None, :]] = float("inf")
         out.append(chord.topk(min(pool, len(pairs) - 1), largest=False).indices)
     return torch.cat(out).numpy()
-
-
-def pd_codes(values: Sequence[str]) -> list[int]:
-    ids: dict[str, int] = {}
-    return [ids.setdefault(v, len(ids)) for v in values]
 
 
 # -------------------------------------------------------------------------------------------------------------

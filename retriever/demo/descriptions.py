@@ -15,7 +15,8 @@ from shapely.geometry import Point
 from shapely.ops import nearest_points
 from tqdm import tqdm
 
-from ..hybrid import tokenize  # one tokenizer for the baseline and the app's hybrid mode
+from ..hybrid import tokenize
+from ..metrics import haversine_km  # one tokenizer for the baseline and the app's hybrid mode
 from .osm import METRIC_CRS, Layers, named_features
 
 SPLITS = ("train", "val")
@@ -858,11 +859,8 @@ def bm25_scores(queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
 
 
 def haversine_m(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.ndarray) -> np.ndarray:
-    """Great-circle distance in metres."""
-    p1, p2 = np.radians(lat1), np.radians(lat2)
-    dphi, dlmb = p2 - p1, np.radians(lon2) - np.radians(lon1)
-    a = np.sin(dphi / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dlmb / 2) ** 2
-    return 2 * 6_371_008.8 * np.arcsin(np.sqrt(a))
+    """Great-circle distance in metres (the evaluation protocols' formula)."""
+    return haversine_km(lat1, lon1, lat2, lon2) * 1000.0
 
 
 def evaluate_scores(

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..adapters import add_adapter, save_adapter
 from ..encoder import Retriever, load_retriever
 from ..losses import LearnableTemperature
+from ..metrics import haversine_km
 from ..pooling import get_pooler
 from .model import TRAINED_MODULES
 
@@ -109,15 +110,11 @@ def validate(
     t = r.encode_tiles([tiles[i] for i in ids], batch_size=32, progress=False)  # (G, D)
     q = r.encode_queries([d.text for d in val], batch_size=64, progress=False)  # (Q, D)
     order = (q @ t.T).argsort(dim=1, descending=True, stable=True).numpy()  # (Q, G)
-    truth = np.array([ids.index(d.tile_id) for d in val])
+    position = {tile_id: i for i, tile_id in enumerate(ids)}
+    truth = np.array([position[d.tile_id] for d in val])
     first = (order == truth[:, None]).argmax(1)
     top_lat, top_lon = meta["lat"][order[:, 0]], meta["lon"][order[:, 0]]
-    lat, lon = np.radians([d.lat for d in val]), np.radians([d.lon for d in val])
-    a = (
-        np.sin((np.radians(top_lat) - lat) / 2) ** 2
-        + np.cos(lat) * np.cos(np.radians(top_lat)) * np.sin((np.radians(top_lon) - lon) / 2) ** 2
-    )
-    dist_m = 2 * 6371000 * np.arcsin(np.sqrt(a))
+    dist_m = 1000.0 * haversine_km([d.lat for d in val], [d.lon for d in val], top_lat, top_lon)
     return {**{f"r{k}": float((first < k).mean()) for k in (1, 5, 10)}, "l100": float((dist_m <= 100).mean())}
 
 
