@@ -74,12 +74,35 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(retriever: Retriever, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Save adapter weights + retrieval_config.json into `folder`, atomically (written aside, then renamed)."""
+def cast_safetensors(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite a safetensors file with its floating-point tensors in `dtype` (metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    cast = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+    save_file(cast, str(path), metadata=metadata)
+
+
+def save_adapter(
+    retriever: Retriever,
+    folder: str | Path,
+    extra: dict[str, Any] | None = None,
+    weights_dtype: torch.dtype | None = None,
+) -> Path:
+    """Save adapter weights + retrieval_config.json into `folder`, atomically (written aside, then renamed).
+
+    weights_dtype stores the weights in that precision (e.g. float16 halves a committed adapter); loading
+    casts them back to the model's dtype.
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     retriever.model.save_pretrained(staging)
+    if weights_dtype is not None:
+        cast_safetensors(staging / "adapter_model.safetensors", weights_dtype)
     config: RetrievalConfig = retriever.config
     config.save(staging)
     if extra:

@@ -202,3 +202,22 @@ def test_undecodable_image_is_named(tiny_model_dir, tmp_path: Path) -> None:
     tiles()[0].save(good)
     images, failed = open_images([good, bad], skip_unreadable=True)
     assert len(images) == 1 and failed == [1]
+
+
+def test_adapter_saved_in_half_precision_reloads_close(tiny_model_dir, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    base = tiny_model_dir("idefics3")
+    r = load_retriever(base)
+    add_adapter(r, "lora", rank=4, alpha=8, modules_to_save=["connector"])
+    with torch.no_grad():
+        for name, p in r.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    q = r.encode_queries(TEXTS)
+    save_adapter(r, tmp_path / "half", weights_dtype=torch.float16)
+    with safe_open(str(tmp_path / "half" / "adapter_model.safetensors"), framework="pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}  # noqa: SIM118
+    reloaded = load_retriever(base, adapter=tmp_path / "half")
+    assert {p.dtype for p in reloaded.model.parameters()} == {torch.float32}
+    torch.testing.assert_close(reloaded.encode_queries(TEXTS), q, atol=2e-3, rtol=0)

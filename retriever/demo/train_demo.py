@@ -277,6 +277,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     stage = Stage("stage 2: vision tower", args.vision_minutes, args.max_steps, log)
     best: dict[str, Any] = {"r1": -1.0}
+
+    def keep_if_better(metrics: dict[str, float], step: int, best: dict[str, Any]) -> dict[str, Any]:
+        """Save the adapter when validation R@1 improves; half precision, since it is committed."""
+        if metrics["r1"] <= best["r1"]:
+            return best
+        best = {**metrics, "step": step}
+        extra = {"val": best, "trained_from": DEMO_MODEL_ID, "free_r1": free_r1}
+        save_adapter(r, args.out, weights_dtype=torch.float16, extra=extra)
+        return best
+
     while stage.running():
         _schedule(optimizer, base_lrs, stage.step, stage.progress)
         chosen = random.sample(range(len(tile_ids)), min(args.tile_batch, len(tile_ids)))
@@ -297,15 +307,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             metrics = validate(r, val, tiles, meta)
             print(f"stage 2 step {stage.step}: {metrics}")
             log.write(json.dumps({"stage": "stage 2 eval", "step": stage.step, "val": metrics}) + "\n")
-            if metrics["r1"] > best["r1"]:
-                best = {**metrics, "step": stage.step}
-                save_adapter(
-                    r, args.out, extra={"val": best, "trained_from": DEMO_MODEL_ID, "free_r1": free_r1}
-                )
+            best = keep_if_better(metrics, stage.step, best)
     final = validate(r, val, tiles, meta)
-    if final["r1"] > best["r1"]:
-        best = {**final, "step": stage.step}
-        save_adapter(r, args.out, extra={"val": best, "trained_from": DEMO_MODEL_ID, "free_r1": free_r1})
+    best = keep_if_better(final, stage.step, best)
     summary = {"stage1_free_vector_r1": free_r1, "best": best, "final": final}
     print(json.dumps(summary, indent=2))
     log.close()
