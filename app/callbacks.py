@@ -70,7 +70,7 @@ def make_engine(
     @on_gpu
     def rank(query: str, k: int, within: Any) -> list[Any]:
         if hybrid_weight is not None:
-            from retriever.hybrid import hybrid_search
+            from retriever.index.hybrid import hybrid_search
 
             return hybrid_search(index, retriever, query, k, weight=hybrid_weight, within=within)
         return list(index.search_text(retriever, [query], k=k, within=within)[0])
@@ -157,7 +157,7 @@ def parse_area(spec: str | None) -> Any:
             "The area must be `west,south,east,north` in degrees or `lat,lon,radius_m`, "
             "for example `24.93,60.16,24.96,60.18` or `60.17,24.94,500`."
         )
-    from retriever.spatial import parse_within
+    from retriever.index.spatial import parse_within
 
     try:
         return parse_within(spec)

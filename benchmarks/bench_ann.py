@@ -40,7 +40,7 @@ from retriever.index import (
     recall_at_k,
     recall_queries,
 )
-from retriever.tiles import make_tiles_frame, square_footprints
+from retriever.index.tiles import make_tiles_frame, square_footprints
 
 GB = 1e9
 CHUNK = 1 << 16

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from retriever import load_retriever
-from retriever.tiny import TINY_BUILDERS, make_tiny_model
+from retriever.models.tiny import TINY_BUILDERS, make_tiny_model
 
 TEXT = "a red-brick church on a corner, a small park opposite, a cafe called Ekberg across the street"
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from retriever import load_retriever
 from retriever.explain import Explainer
-from retriever.tiny import TINY_BUILDERS, make_tiny_model
+from retriever.models.tiny import TINY_BUILDERS, make_tiny_model
 
 QUERY = "a red-brick church on a corner, a small park opposite, a cafe called Ekberg across the street"
 CONTEXTS = [

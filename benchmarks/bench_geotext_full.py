@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from retriever.metrics import default_chunk_rows, geotext_metrics
+from retriever.evaluate.metrics import default_chunk_rows, geotext_metrics
 
 FULL_TEXTS, FULL_IMAGES, FULL_BUILDINGS = 154_065, 51_355, 951  # test_951_version.json
 

@@ -17,7 +17,7 @@ def one_run(model: str, batch: int, chunk: int, steps: int, out: str, data: str)
     import torch
 
     torch.set_num_threads(1)  # one thread: figures that survive a busy neighbour
-    from retriever.toy import make_toy_pairs
+    from retriever.train.toy import make_toy_pairs
     from retriever.train import TrainConfig, Trainer
 
     pairs = make_toy_pairs(data)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(one_run(**json.loads(args.child))))
         return
-    from retriever.tiny import make_tiny_model
+    from retriever.models.tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model = str(make_tiny_model(args.family, Path(tmp) / "model"))

@@ -8,17 +8,17 @@ __version__ = "0.1.0"
 
 # Lazy attributes keep `import retriever` cheap: torch and transformers load only when used.
 _LAZY = {
-    "load_retriever": "retriever.encoder",
-    "Retriever": "retriever.encoder",
-    "RetrievalConfig": "retriever.config",
+    "load_retriever": "retriever.models.encoder",
+    "Retriever": "retriever.models.encoder",
+    "RetrievalConfig": "retriever.models.config",
     "TileIndex": "retriever.index",
     "Hit": "retriever.index",
 }
 
 if TYPE_CHECKING:
-    from .config import RetrievalConfig
-    from .encoder import Retriever, load_retriever
-    from .index import Hit, TileIndex
+    from retriever.models.config import RetrievalConfig
+    from retriever.models.encoder import Retriever, load_retriever
+    from retriever.index import Hit, TileIndex
 
 
 def __getattr__(name: str) -> Any:

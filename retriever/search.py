@@ -10,7 +10,7 @@ from pathlib import Path
 
 from retriever.errors import RetrieverError
 from retriever.index import Hit, TileIndex, hits_to_csv, hits_to_geojson, read_manifest, resolve_load_path
-from retriever.spatial import parse_within
+from retriever.index.spatial import parse_within
 
 JSON_OUTPUT = """\
 JSON output (--json, printed to stdout): a list with one entry per --query, in order; each entry is
@@ -34,7 +34,7 @@ Example: [[{"rank": 1, "tile_id": "city_r0003_c0012", "score": 0.41, "lat": 60.1
 def _load_retriever(
     model: str, adapter: str | None = None, quantization: str = "none", device: str | None = None
 ):
-    from retriever.encoder import load_retriever  # lazy: transformers is heavy
+    from retriever.models.encoder import load_retriever  # lazy: transformers is heavy
 
     return load_retriever(model, adapter=adapter, quantization=quantization, device=device)
 

@@ -18,7 +18,7 @@ FAMILY_NAMES = ("qwen2_vl", "qwen2_5_vl", "idefics3", "internvl")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A factory: family name -> folder of a tiny random model of that family (cached per session)."""
-    from retriever.tiny import make_tiny_model
+    from retriever.models.tiny import make_tiny_model
 
     built: dict[tuple[str, int], Path] = {}
 

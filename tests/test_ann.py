@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("faiss")
 
-from retriever import index as index_mod  # noqa: E402
+import retriever.index as index_mod  # noqa: E402
 from retriever.index import (  # noqa: E402
     ANN_FILE,
     MANIFEST,

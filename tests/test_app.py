@@ -196,7 +196,7 @@ def test_area_accepts_only_numbers(spec: str) -> None:
 
 
 def test_area_filter_restricts_results(engine: Engine, backend: tuple[FakeRetriever, Any]) -> None:
-    pytest.importorskip("retriever.spatial")
+    pytest.importorskip("retriever.index.spatial")
     first = engine.rank("red", 1, None)[0]
     view = callbacks.search("red", 10, ",".join(str(v) for v in first.bbox), engine)
     assert view.state.hits and all(box(*h.bbox).intersects(box(*first.bbox)) for h in view.state.hits)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retriever.data import (
+from retriever.evaluate.data import (
     DATASETS,
     carve_validation,
     cvg_is_panorama,
@@ -20,7 +20,7 @@ from retriever.data import (
     read_jsonl,
 )
 from retriever.errors import DataFormatError
-from retriever.metrics import haversine_km
+from retriever.evaluate.metrics import haversine_km
 from tests.data.cvgtext.data import file_name, make_cvgtext
 from tests.data.geotext1652.data import make_geotext1652
 from tests.fakes import solid_tile

@@ -13,7 +13,7 @@ import shapely
 from PIL import Image
 from shapely.geometry import LineString, Point, box
 
-from retriever.demo import build_gallery, descriptions, osm
+from demo import build_gallery, descriptions, osm
 
 # ~530 m x 750 m around the railway station, Kaisaniemi park and the bay: every feature type occurs in it.
 CUT = (24.9405, 60.1695, 24.9500, 60.1762)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from retriever import TileIndex, load_retriever
-from retriever.demo.model import BASE_NAME, demo_base_model
-from retriever.demo.train_demo import DEMO_MODEL_ID
+from retriever.models.demo_base import BASE_NAME, demo_base_model
+from demo.train_demo import DEMO_MODEL_ID
 
 pytestmark = pytest.mark.demo
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
@@ -58,7 +58,7 @@ def test_demo_search_finds_the_described_street(demo_retriever) -> None:
 def test_missing_weights_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from retriever.demo import model
+    from retriever.models import demo_base as model
     from retriever.errors import MissingDependencyError
 
     monkeypatch.delenv("SPACE_ID", raising=False)

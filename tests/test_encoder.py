@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from retriever import load_retriever
-from retriever.adapters import add_adapter, save_adapter
-from retriever.backbones import FAMILIES
+from retriever.models.adapters import add_adapter, save_adapter
+from retriever.models.backbones import FAMILIES
 from retriever.errors import (
     AdapterMismatchError,
     ImageDecodeError,
@@ -21,8 +21,8 @@ from retriever.errors import (
     RetrieverError,
     UnknownFamilyError,
 )
-from retriever.pooling import pool_last, pool_mean
-from retriever.tiny import TINY_BUILDERS
+from retriever.models.pooling import pool_last, pool_mean
+from retriever.models.tiny import TINY_BUILDERS
 
 FAMILY_NAMES = tuple(TINY_BUILDERS)
 
@@ -196,7 +196,7 @@ def test_undecodable_image_is_named(tiny_model_dir, tmp_path: Path) -> None:
     r = load_retriever(tiny_model_dir("qwen2_vl"))
     with pytest.raises(ImageDecodeError, match=re.escape(str(bad))):
         r.encode_tiles([bad])
-    from retriever.images import open_images
+    from retriever.models.images import open_images
 
     good = tmp_path / "good.png"
     tiles()[0].save(good)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import retriever.evaluate as evaluate
-from retriever.data import read_cvgtext, read_geotext1652
+from retriever.evaluate.data import read_cvgtext, read_geotext1652
 from retriever.errors import DataFormatError
 from retriever.evaluate import PROTOCOLS, RERANKERS, evaluate_with, main
-from retriever.metrics import cvg_metrics_reference, geotext_metrics_reference
+from retriever.evaluate.metrics import cvg_metrics_reference, geotext_metrics_reference
 from tests.data.cvgtext.data import make_cvgtext
 from tests.data.geotext1652.data import make_geotext1652
 from tests.fakes import FakeRetriever, solid_tile

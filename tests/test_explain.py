@@ -13,7 +13,7 @@ from PIL import Image
 
 import retriever.explain as explain
 from retriever import load_retriever
-from retriever.adapters import add_adapter
+from retriever.models.adapters import add_adapter
 from retriever.explain import (
     CALIBRATION_FILE,
     GRID_SHAPES,
@@ -28,7 +28,7 @@ from retriever.explain import (
     make_reranker,
     similarity_probs,
 )
-from retriever.tiny import TINY_BUILDERS
+from retriever.models.tiny import TINY_BUILDERS
 
 FAMILY_NAMES = tuple(TINY_BUILDERS)
 QUERY = "a red church on the corner, a small park opposite"
@@ -296,7 +296,7 @@ def test_make_reranker_needs_an_mllm() -> None:
 def test_evaluate_with_rerank_erm_on_fake_data(
     protocol: str, tiny_model_dir, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    from retriever import evaluate
+    import retriever.evaluate as evaluate
     from tests.data.cvgtext.data import make_cvgtext
     from tests.data.geotext1652.data import make_geotext1652
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
-from retriever.hybrid import ContextMatcher, fold, fuse, hybrid_search
+from retriever.index.hybrid import ContextMatcher, fold, fuse, hybrid_search
 from retriever.index import TileIndex, build_index
 from tests.fakes import COLOURS, FakeRetriever, solid_tile
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from retriever import index as index_mod
+import retriever.index as index_mod
 from retriever import search as search_mod
 from retriever.errors import CorruptIndexError, IndexMismatchError
 from retriever.index import MANIFEST, TileIndex, build_index, exact_topk, hits_to_csv, hits_to_geojson
-from retriever.spatial import parse_within
-from retriever.tiles import load_tiles, make_tiles_frame, square_footprints
+from retriever.index.spatial import parse_within
+from retriever.index.tiles import load_tiles, make_tiles_frame, square_footprints
 from tests.fakes import COLOURS, FakeRetriever, solid_tile
 
 N, D = 1500, 24

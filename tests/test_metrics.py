@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from retriever.metrics import (
+from retriever.evaluate.metrics import (
     OFFICIAL_GEOTEXT_KEYS,
     cvg_metrics,
     cvg_metrics_reference,
@@ -199,7 +199,7 @@ def test_haversine_agrees_with_the_official_formula_and_with_itself() -> None:
 @pytest.mark.parametrize("m", [1, 10, 40, 500])
 @pytest.mark.parametrize("slack", [0, 16])  # slack 0 sends every row down the wide path
 def test_nearest_by_haversine_equals_sorting_every_distance(m: int, slack: int, monkeypatch) -> None:
-    monkeypatch.setattr("retriever.metrics.NEAREST_SLACK", slack)
+    monkeypatch.setattr("retriever.evaluate.metrics.NEAREST_SLACK", slack)
     rng = np.random.default_rng(8)
     city = np.column_stack([40.7 + rng.uniform(0, 0.02, 150), -74.0 + rng.uniform(0, 0.02, 150)])
     repeated = np.repeat(city[:3], 25, axis=0)  # 3 spots with 25 images each: ties beyond the slack

@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("ray")
 
 from retriever.index import MANIFEST, build_index  # noqa: E402
-from retriever.ray_build import ray_build_index  # noqa: E402
-from retriever.tiles import make_tiles_frame, square_footprints  # noqa: E402
+from retriever.index.ray_build import ray_build_index  # noqa: E402
+from retriever.index.tiles import make_tiles_frame, square_footprints  # noqa: E402
 from tests.fakes import COLOURS, FakeRetriever, solid_tile  # noqa: E402
 from tests.ray_fakes import MarkingRetriever  # noqa: E402
 

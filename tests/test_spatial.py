@@ -10,8 +10,8 @@ import pytest
 import shapely
 from pyproj import Geod
 
-from retriever.spatial import EmptySelectionError, geodesic_circle, parse_within, select
-from retriever.tiles import make_tiles_frame, square_footprints
+from retriever.index.spatial import EmptySelectionError, geodesic_circle, parse_within, select
+from retriever.index.tiles import make_tiles_frame, square_footprints
 
 GEOD = Geod(ellps="WGS84")
 

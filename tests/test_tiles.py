@@ -14,7 +14,7 @@ from pyproj import Geod, Transformer
 from rasterio.transform import from_origin
 
 from retriever.errors import DataFormatError
-from retriever.tiles import detect_kind, load_tiles
+from retriever.index.tiles import detect_kind, load_tiles
 from tests.fakes import solid_tile
 
 GEOD = Geod(ellps="WGS84")

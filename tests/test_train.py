@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from retriever import load_retriever
-from retriever.losses import grad_cache_step, group_mask, info_nce, plain_step
-from retriever.pairs import Pair
-from retriever.toy import TRAIN_TEMPLATES, make_toy_pairs
+from retriever.train.losses import grad_cache_step, group_mask, info_nce, plain_step
+from retriever.train.pairs import Pair
+from retriever.train.toy import TRAIN_TEMPLATES, make_toy_pairs
 from retriever.train import TrainConfig, Trainer, main, nearest_other_places, split_by_group, validate
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .pairs import Pair
+from retriever.train.pairs import Pair
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

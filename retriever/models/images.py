@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageDecodeError
+from retriever.errors import ImageDecodeError
 
 ImageLike = Image.Image | str | Path
 

@@ -26,7 +26,7 @@ from PIL import Image
 from shapely.geometry.base import BaseGeometry
 from tqdm.auto import tqdm
 
-from retriever.config import library_versions
+from retriever._io import library_versions
 from retriever.errors import (
     CorruptIndexError,
     DataFormatError,
@@ -35,8 +35,8 @@ from retriever.errors import (
     MissingDependencyError,
     RetrieverError,
 )
-from retriever.spatial import parse_within, select
-from retriever.tiles import CORE_COLUMNS, SOURCES, WGS84, load_tiles
+from retriever.index.spatial import parse_within, select
+from retriever.index.tiles import CORE_COLUMNS, SOURCES, WGS84, load_tiles
 
 log = logging.getLogger(__name__)
 
@@ -741,7 +741,7 @@ def _validated(tiles: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     missing = [c for c in CORE_COLUMNS if c not in tiles.columns]
     if missing:
         raise DataFormatError(
-            f"the tile frame lacks columns {missing}; build it with retriever.tiles.load_tiles"
+            f"the tile frame lacks columns {missing}; build it with retriever.index.tiles.load_tiles"
         )
     if tiles["tile_id"].duplicated().any():
         raise DataFormatError("tile ids must be unique")
@@ -1071,7 +1071,7 @@ def optimize_index(
 def _load_retriever(
     model: str, adapter: str | None = None, quantization: str = "none", device: str | None = None
 ):
-    from retriever.encoder import load_retriever  # lazy: transformers is heavy and searching does not need it
+    from retriever.models.encoder import load_retriever  # lazy: transformers is heavy and searching does not need it
 
     return load_retriever(model, adapter=adapter, quantization=quantization, device=device)
 
@@ -1133,7 +1133,7 @@ def _build_local(args: argparse.Namespace, tiles: gpd.GeoDataFrame, out: Path, o
 def _build_ray(args: argparse.Namespace, tiles: gpd.GeoDataFrame, out: Path, options: dict) -> Path:
     import functools
 
-    from retriever.ray_build import ray_build_index  # lazy: ray is an optional dependency
+    from retriever.index.ray_build import ray_build_index  # lazy: ray is an optional dependency
 
     factory = functools.partial(_load_retriever, args.model, args.adapter, args.quantization, args.device)
     return ray_build_index(

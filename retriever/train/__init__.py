@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import add_adapter, disable_avx512_repack, save_adapter, trainable_parameters
-from .config import write_json_atomic
-from .encoder import Retriever, load_retriever
-from .errors import DataFormatError
-from .losses import LearnableTemperature, dense_codes, grad_cache_step, group_mask, info_nce
-from .pairs import Pair
+from retriever.models.adapters import add_adapter, disable_avx512_repack, save_adapter, trainable_parameters
+from retriever._io import write_json_atomic
+from retriever.models.encoder import Retriever, load_retriever
+from retriever.errors import DataFormatError
+from retriever.train.losses import LearnableTemperature, dense_codes, grad_cache_step, group_mask, info_nce
+from retriever.train.pairs import Pair
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class TrainConfig:
 
 
 def _toy_source(path: str) -> list[Pair]:
-    from .toy import make_toy_pairs
+    from retriever.train.toy import make_toy_pairs
 
     return make_toy_pairs(path)
 
@@ -149,7 +149,7 @@ def load_pairs(spec: str) -> list[Pair]:
 
 
 def pairset_to_pairs(pair_set: Any) -> list[Pair]:
-    """Flatten a retriever.data.PairSet: relevance by image label, splits by its leakage group."""
+    """Flatten a retriever.evaluate.data.PairSet: relevance by image label, splits by its leakage group."""
     latlon = pair_set.image_latlon
     pairs = []
     for text, image in zip(pair_set.texts, pair_set.text_image.tolist()):
@@ -170,10 +170,10 @@ def pairset_to_pairs(pair_set: Any) -> list[Pair]:
 
 
 def _benchmark_source(name: str) -> Callable[[str], list[Pair]]:
-    """A reader for "PATH[:key=value,...]" of a retriever.data dataset (split defaults to train)."""
+    """A reader for "PATH[:key=value,...]" of a retriever.evaluate.data dataset (split defaults to train)."""
 
     def read(spec: str) -> list[Pair]:
-        from .data import read_dataset
+        from retriever.evaluate.data import read_dataset
 
         path, _, options_text = spec.partition(":")
         options = dict(item.split("=", 1) for item in options_text.split(",") if item)
@@ -186,7 +186,7 @@ def _benchmark_source(name: str) -> Callable[[str], list[Pair]]:
 
 
 def _register_dataset_sources() -> None:
-    """The benchmark readers of retriever.data, e.g. --data geotext1652:/data/GeoText1652."""
+    """The benchmark readers of retriever.evaluate.data, e.g. --data geotext1652:/data/GeoText1652."""
     for name in ("geotext1652", "cvgtext"):
         TRAIN_SOURCES.setdefault(name, _benchmark_source(name))
 
@@ -239,7 +239,7 @@ def validate(retriever: Retriever, pairs: Sequence[Pair], batch_size: int = 32) 
     metrics = {f"r{k}": float((first < k).mean()) for k in (1, 5, 10)}
     lat = np.array([g.lat for g in gallery])
     if not np.isnan(lat).any():
-        from .metrics import haversine_km
+        from retriever.evaluate.metrics import haversine_km
 
         top = order[:, 0].numpy()
         dist_km = haversine_km(

@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, ProcessorMixin
 
-from .errors import UnknownFamilyError
+from retriever.errors import UnknownFamilyError
 
 # E5-V style one-word prompts: squeezing the meaning into the next token makes last-token pooling work.
 PROMPT_STYLES: dict[str, tuple[str, str]] = {

@@ -15,8 +15,8 @@ import shapely
 from PIL import Image
 from tqdm import tqdm
 
-from .descriptions import baselines, generate_descriptions
-from .osm import (
+from demo.descriptions import baselines, generate_descriptions
+from demo.osm import (
     ATTRIBUTION,
     CATEGORY_VOCAB,
     DEFAULT_BBOX,
@@ -29,7 +29,7 @@ from .osm import (
     load_layers,
     named_features,
 )
-from .render import crop, quantise, render_canvas
+from demo.render import crop, quantise, render_canvas
 
 CONTEXT_MARGIN_M = 10.0  # "in and near": a street running along the tile edge still belongs to it
 LOAD_MARGIN_M = 80.0  # features just outside the grid still draw their edges and labels into edge tiles
@@ -123,12 +123,12 @@ The tiles in `tiles/` are rendered from the OpenStreetMap extract of central Hel
 and the generated descriptions are a Produced Work / Derivative Database of OpenStreetMap data, available under
 the Open Database License (ODbL) 1.0: https://opendatacommons.org/licenses/odbl/1-0/
 
-Rebuild: `python -m retriever.demo.build_gallery --out <folder>`
+Rebuild: `python -m demo.build_gallery --out <folder>`
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m retriever.demo.build_gallery", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m demo.build_gallery", description=__doc__)
     parser.add_argument(
         "--out", type=Path, default=Path("assets/demo/gallery"), help="gallery folder to (re)write"
     )

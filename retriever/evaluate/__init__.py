@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .data import PairSet, read_dataset
-from .errors import DataFormatError, ImageDecodeError, RetrieverError
-from .metrics import (
+from retriever import __version__
+from retriever.evaluate.data import PairSet, read_dataset
+from retriever.errors import DataFormatError, ImageDecodeError, RetrieverError
+from retriever.evaluate.metrics import (
     CVG_GALLERY_SIZE,
     RerankFn,
     apply_rerank,
@@ -37,7 +37,7 @@ ENCODE_BLOCK = 256  # items per encode call: the unit of progress, caching and f
 
 
 class Encoder(Protocol):
-    """What evaluation needs from a retriever (retriever.encoder.Retriever, or a test fake)."""
+    """What evaluation needs from a retriever (retriever.models.encoder.Retriever, or a test fake)."""
 
     def encode_queries(
         self, texts: Sequence[str], batch_size: int = ..., progress: bool | None = ...
@@ -54,7 +54,7 @@ def load_retriever(
     model: str, adapter: str | None = None, quantization: str = "none", device: str | None = None
 ) -> Encoder:
     """Load the real retriever (imported lazily: transformers is heavy, and tests replace this)."""
-    from .encoder import load_retriever as _load
+    from retriever.models.encoder import load_retriever as _load
 
     return _load(model, adapter=adapter, quantization=quantization, device=device)
 
@@ -67,7 +67,7 @@ def load_retriever(
 def _erm_reranker(retriever: Encoder, pairs: PairSet) -> RerankFn:
     """The explanation module's confidence re-ranker (CrossText2Loc's ERM), from retriever.explain."""
     try:
-        from .explain import make_reranker
+        from retriever.explain import make_reranker
     except ImportError as err:
         raise RetrieverError(
             "--rerank erm needs retriever.explain.make_reranker(retriever, pairs) -> rerank_fn, "
@@ -194,7 +194,7 @@ def _table_cvg(results: dict) -> tuple[list[str], list[list[str]]]:
 class ProtocolSpec:
     """One evaluation protocol: which reader, which CLI options it takes, how it scores and tabulates."""
 
-    dataset: str  # a retriever.data.DATASETS name
+    dataset: str  # a retriever.evaluate.data.DATASETS name
     data_options: Callable[[argparse.Namespace], dict[str, Any]]
     score: Callable[[PairSet, np.ndarray, np.ndarray, ScoreOptions], dict]  # texts (T, D), images (I, D)
     table: Callable[[dict], tuple[list[str], list[list[str]]]]

@@ -1,4 +1,4 @@
-"""python -m retriever.demo.train_demo: train the demo's vision tower, connector and a LoRA on the top LM layers.
+"""python -m demo.train_demo: train the demo's vision tower, connector and a LoRA on the top LM layers.
 
 The base is SmolLM2 inside SmolVLM's architecture, pooled (mean) after layer 9 of 30. The LoRA sits on the last
 few of those 9 layers only, so the hidden states of each description below the LoRA never change: they are
@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..adapters import add_adapter, save_adapter
-from ..encoder import Retriever, load_retriever
-from ..losses import LearnableTemperature
-from ..metrics import haversine_km
-from ..pooling import get_pooler
-from .model import TRAINED_MODULES
+from retriever.models.adapters import add_adapter, save_adapter
+from retriever.models.encoder import Retriever, load_retriever
+from retriever.train.losses import LearnableTemperature
+from retriever.evaluate.metrics import haversine_km
+from retriever.models.pooling import get_pooler
+from retriever.models.demo_base import TRAINED_MODULES
 
 DEMO_MODEL_ID = "geotext/helsinki-smolvlm-base-v1"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -163,7 +163,7 @@ class Stage:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m retriever.demo.train_demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m demo.train_demo", description=__doc__)
     p.add_argument("--gallery", type=Path, default=Path("assets/demo/gallery"))
     p.add_argument("--out", type=Path, default=Path("assets/demo/adapter"))
     p.add_argument("--log", type=Path, default=None, help="JSONL log (default: OUT/../train_log.jsonl)")

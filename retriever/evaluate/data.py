@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .errors import DataFormatError
+from retriever.errors import DataFormatError
 
 MAX_LISTED = 10  # how many offending items an error message names before it just counts
 LATLON_PREFIX = re.compile(r"([-+]?[0-9]*\.?[0-9]+),([-+]?[0-9]*\.?[0-9]+)")  # the official CVG-Text regex
@@ -476,7 +476,7 @@ def carve_validation(pairs: PairSet, fraction: float = 0.1, *, seed: int = 0, bu
     val = np.isin(pairs.image_group, val_groups)  # (I,)
     near = np.zeros_like(val)
     if buffer_m > 0 and pairs.image_latlon is not None and val.any():
-        from .metrics import haversine_km
+        from retriever.evaluate.metrics import haversine_km
 
         ll = pairs.image_latlon
         val_ll = ll[val]

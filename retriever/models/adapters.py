@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .config import RetrievalConfig
-from .encoder import Retriever, file_hash
+from retriever.models.config import RetrievalConfig
+from retriever.models.encoder import Retriever, file_hash
 
 # Adapter kinds differ only in peft options; QLoRA is LoRA/DoRA on a 4-bit base (chosen by quantization).
 ADAPTER_KINDS: dict[str, dict[str, Any]] = {
@@ -106,7 +106,7 @@ def save_adapter(
     config: RetrievalConfig = retriever.config
     config.save(staging)
     if extra:
-        from .config import write_json_atomic
+        from retriever._io import write_json_atomic
 
         write_json_atomic(staging / "training_info.json", extra)
     if folder.exists():

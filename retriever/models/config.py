@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from retriever._io import library_versions, write_json_atomic
+
+# The adapter folder's format, one list of file names (as sentence-transformers' config_file_name).
 CONFIG_FILE = "retrieval_config.json"
+TRAINING_INFO_FILE = "training_info.json"  # how the adapter was trained (written by save_adapter)
+CALIBRATION_FILE = "explain_calibration.json"  # fitted confidence calibration (retriever.explain)
+QUANTIZATIONS = ("none", "4bit", "8bit")  # "4bit" is NF4 with double quantization
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute dtypes a model can be loaded in
 DEFAULTS_FILE = (
     "retrieval_defaults.json"  # optional, in a base model folder: its preferred retrieval settings
 )
@@ -55,35 +59,3 @@ class RetrievalConfig:
     @classmethod
     def load(cls, folder: str | Path) -> RetrievalConfig:
         return cls.from_dict(json.loads((Path(folder) / CONFIG_FILE).read_text()))
-
-
-EMBEDDING_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
-
-
-def library_versions(packages: Sequence[str] = EMBEDDING_PACKAGES) -> dict[str, str | None]:
-    """Versions of Python, this library and `packages` (None for one that is not installed)."""
-    import importlib.metadata as md
-    import platform
-
-    from . import __version__
-
-    versions: dict[str, str | None] = {"python": platform.python_version(), "retriever": __version__}
-    for name in packages:
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """Write JSON to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path

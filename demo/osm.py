@@ -18,7 +18,7 @@ import shapely
 from shapely.geometry import LineString, Point, box
 from shapely.ops import linemerge, polygonize, unary_union
 
-from ..errors import DataFormatError, MissingDependencyError
+from retriever.errors import DataFormatError, MissingDependencyError
 
 Bbox = tuple[float, float, float, float]  # west, south, east, north (EPSG:4326)
 Layers = dict[str, gpd.GeoDataFrame]

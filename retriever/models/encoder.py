@@ -15,15 +15,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .backbones import Family, family_for_model_type, get_family
-from .config import CONFIG_FILE, DEFAULTS_FILE, RetrievalConfig
-from .errors import AdapterMismatchError, MissingDependencyError, RetrieverError
-from .images import ImageLike, open_image
-from .pooling import get_pooler
+from retriever.models.backbones import Family, family_for_model_type, get_family
+from retriever.models.config import CONFIG_FILE, DEFAULTS_FILE, RetrievalConfig
+from retriever.errors import AdapterMismatchError, MissingDependencyError, RetrieverError
+from retriever.models.images import ImageLike, open_image
+from retriever.models.pooling import get_pooler
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("none", "4bit", "8bit")
+from retriever.models.config import QUANTIZATIONS
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -33,7 +33,7 @@ PROGRESS_MIN_BATCHES = 4  # show a bar when an input spans more batches than thi
 
 
 def _demo_base() -> Path:
-    from .demo.model import demo_base_model
+    from retriever.models.demo_base import demo_base_model
 
     return demo_base_model()
 

@@ -15,9 +15,9 @@ from shapely.geometry import Point
 from shapely.ops import nearest_points
 from tqdm import tqdm
 
-from ..hybrid import tokenize
-from ..metrics import haversine_km  # one tokenizer for the baseline and the app's hybrid mode
-from .osm import METRIC_CRS, Layers, named_features
+from retriever.index.hybrid import tokenize
+from retriever.evaluate.metrics import haversine_km  # one tokenizer for the baseline and the app's hybrid mode
+from demo.osm import METRIC_CRS, Layers, named_features
 
 SPLITS = ("train", "val")
 STREET_CLASSES = (

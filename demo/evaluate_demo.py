@@ -1,4 +1,4 @@
-"""python -m retriever.demo.evaluate_demo: the demo's quality on held-out phrasings, next to BM25, random and hybrid."""
+"""python -m demo.evaluate_demo: the demo's quality on held-out phrasings, next to BM25, random and hybrid."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from ..config import write_json_atomic
-from ..encoder import load_retriever
-from ..hybrid import ContextMatcher, fuse
-from ..index import TileIndex
-from .descriptions import baselines, evaluate_scores
-from .train_demo import DEMO_MODEL_ID
+from retriever._io import write_json_atomic
+from retriever.models.encoder import load_retriever
+from retriever.index.hybrid import ContextMatcher, fuse
+from retriever.index import TileIndex
+from demo.descriptions import baselines, evaluate_scores
+from demo.train_demo import DEMO_MODEL_ID
 
 HEADLINE = ("R@1", "R@5", "R@10", "L@100", "R@1_strict", "R@10_strict", "mean_dev_km")
 
@@ -45,7 +45,7 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m retriever.demo.evaluate_demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m demo.evaluate_demo", description=__doc__)
     p.add_argument("--gallery", type=Path, default=Path("assets/demo/gallery"))
     p.add_argument("--adapter", type=Path, default=Path("assets/demo/adapter"))
     p.add_argument("--index", type=Path, default=Path("assets/demo/index"))
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
     }
     if args.erm:
-        from ..explain import Explainer
+        from retriever.explain import Explainer
 
         explainer = Explainer(retriever, adapter_off=True, autocast_bf16=True)  # as the app does
         subset = val[: args.erm]

@@ -320,7 +320,7 @@ TINY_BUILDERS: dict[str, Callable[[Any], tuple[Any, Any, dict[str, Any]]]] = {
 
 def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a random tiny model of `family` (weights, tokenizer, processor configs) that load_retriever loads."""
-    from .backbones import get_family
+    from retriever.models.backbones import get_family
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

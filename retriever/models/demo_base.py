@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from ..config import DEFAULTS_FILE, write_json_atomic
-from ..errors import MissingDependencyError
+from retriever._io import write_json_atomic
+from retriever.models.config import DEFAULTS_FILE
+from retriever.errors import MissingDependencyError
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_NAME = "helsinki-smolvlm-base-v1"

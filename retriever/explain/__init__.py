@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import write_json_atomic
-from .errors import RetrieverError
-from .images import ImageLike, open_image
-from .pooling import pool_last
+from retriever._io import write_json_atomic
+from retriever.errors import RetrieverError
+from retriever.models.images import ImageLike, open_image
+from retriever.models.pooling import pool_last
 
 CALIBRATION_FILE = "explain_calibration.json"  # looked up next to the adapter, then in the model folder
 DEFAULT_TEMPERATURE = 0.05  # similarity softmax temperature (cosine scores of a contrastive model)
@@ -808,8 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import evaluate
-    from .data import read_dataset
+    import retriever.evaluate as evaluate
+    from retriever.evaluate.data import read_dataset
 
     args = build_parser().parse_args(argv)
     if args.split == "test":

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from shapely.geometry import LineString, box  # noqa: E402
 from shapely.ops import linemerge, substring, unary_union  # noqa: E402
 
-from .osm import Layers  # noqa: E402
+from demo.osm import Layers  # noqa: E402
 
 Extent = tuple[float, float, float, float]  # minx, miny, maxx, maxy in METRIC_CRS metres
 

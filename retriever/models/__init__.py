@@ -1,0 +1,1 @@
+"""An MLLM as an embedding model: families, poolers, adapters, loading."""
