@@ -179,14 +179,28 @@ def apply_rerank(
     return TopK(ranked.scores, indices)
 
 
+def first_relevant(order: ArrayLike, relevant: ArrayLike) -> np.ndarray:
+    """0-based position of the first relevant column in each row of `order` (Q, n); n when there is none.
+
+    `relevant` (Q, G) marks the relevant gallery columns of each query; `order` holds gallery columns.
+    This is the one definition of "first relevant rank": every R@k in the project is computed from it.
+    """
+    order = np.asarray(order)
+    relevant = np.asarray(relevant, dtype=bool)
+    hits = np.take_along_axis(relevant, order, axis=1)  # (Q, n)
+    return np.where(hits.any(1), hits.argmax(1), order.shape[1])
+
+
+def recall_at_k(first: ArrayLike, k: int) -> float:
+    """Share (0..1) of queries whose first relevant item is ranked within the top k (NaN for no queries)."""
+    first = np.asarray(first)
+    return float((first < k).mean()) if len(first) else float("nan")
+
+
 def first_hit_rank(ranked: torch.Tensor, query_label: ArrayLike, gallery_label: ArrayLike) -> np.ndarray:
     """0-based position of the first relevant item in each row of ranked (R, k); k when none is relevant."""
-    gallery_label = torch.as_tensor(np.asarray(gallery_label))
-    query_label = torch.as_tensor(np.asarray(query_label))
-    hits = gallery_label[ranked] == query_label[:, None]  # (R, k)
-    k = ranked.shape[1]
-    first = torch.where(hits.any(1), hits.int().argmax(1), torch.full((ranked.shape[0],), k))
-    return first.numpy()
+    hits = np.asarray(gallery_label)[np.asarray(ranked)] == np.asarray(query_label)[:, None]  # (R, k)
+    return np.where(hits.any(1), hits.argmax(1), hits.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +210,7 @@ def first_hit_rank(ranked: torch.Tensor, query_label: ArrayLike, gallery_label: 
 
 def recall_percent(ranks: np.ndarray, k: int) -> float:
     """Official formula: 100 * |{rank < k}| / n."""
-    return 100.0 * int((ranks < k).sum()) / len(ranks) if len(ranks) else float("nan")
+    return 100.0 * recall_at_k(ranks, k)
 
 
 def geotext_summary(t2i_ranks: np.ndarray, i2t_ranks: np.ndarray, ks: Sequence[int] = GEOTEXT_KS) -> dict:
