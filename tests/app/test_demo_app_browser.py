@@ -11,7 +11,7 @@ import pytest
 
 from app.config import load_backend, parse_config
 from app.ui import build_demo
-from tests.test_app_browser import TIMEOUT_MS, free_port, page, search  # noqa: F401  (page is a fixture)
+from tests.app.test_app_browser import TIMEOUT_MS, free_port, page, search  # noqa: F401  (page is a fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.demo]
 QUERY = "I'm on Aleksanterinkatu outside the Stockmann department store, there's a Zara nearby"

@@ -16,7 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # never phone home f
 
 from app import callbacks  # noqa: E402
 from app.ui import build_demo  # noqa: E402
-from tests.test_app import FakeExplainer, make_fake_backend  # noqa: E402
+from tests.app.test_app import FakeExplainer, make_fake_backend  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
