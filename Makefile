@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install demo test lint bench chromium clean
+.PHONY: install demo test lint bench chromium clean vocabulary
 
 install: $(VENV)/.installed
 
@@ -19,10 +19,22 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+# The pinned npm tarballs the OSM vocabulary is derived from; the tests re-derive it and compare.
+VOCAB_TARBALLS := .cache/npm/openstreetmap-id-tagging-schema-7.2.0.tgz .cache/npm/name-suggestion-index-8.0.20260918.tgz
+
+.cache/npm/openstreetmap-id-tagging-schema-7.2.0.tgz:
+	mkdir -p .cache/npm && npm pack -q @openstreetmap/id-tagging-schema@7.2.0 --pack-destination .cache/npm
+
+.cache/npm/name-suggestion-index-8.0.20260918.tgz:
+	mkdir -p .cache/npm && npm pack -q name-suggestion-index@8.0.20260918 --pack-destination .cache/npm
+
+vocabulary: install $(VOCAB_TARBALLS)
+	$(PY) -m demo.build_vocabulary
+
 demo: install
 	$(PY) app.py
 
-test: install chromium
+test: install chromium $(VOCAB_TARBALLS)
 	$(PY) -m pytest -q
 
 lint: install

@@ -1,4 +1,4 @@
-"""OSM place vocabulary from iD's tagging schema: match tags to presets, find the kinds of place a text mentions."""
+"""OSM place vocabulary from iD's tagging schema: match tags to presets, find place kinds a text names."""
 
 from __future__ import annotations
 
@@ -39,11 +39,13 @@ REGION_CODES: dict[str, frozenset[str]] = {
 }
 
 # Single-word terms that would fire on almost any description, so `mentions` ignores them (folded forms).
-# Three groups: English function words; descriptive words that iD uses as a search term for some preset
-# ("green" golf green, "light" street lamp, "old" antiques, "top" peak, "time" clock, "show" cinema ...);
-# Finnish and Swedish words that are common in English text or are adjectives ("the" is Swedish for tea,
-# "central" a Swedish term for railway station, "stor"/"suuri" mean "big"). Terms under 3 characters
-# ("a", "by", "is", "it") are dropped by length anyway.
+# Terms under 3 characters ("a", "by", "is", "it") are dropped by length anyway. Groups, one a line block:
+# 1. English function words.
+# 2. English adjectives, verbs and abstract nouns that iD lists as a search term of some preset ("green" golf
+#    green, "light" street lamp, "old" antiques, "top" peak, "time" clock, "show" cinema, "play", "run" ...).
+# 3. Finnish and Swedish words that are common English words meaning something else ("the" is Swedish for
+#    tea, "hem" home, "brand" fire, "mark" ground, "rest" leftovers), given names, or adjectives ("stor",
+#    "suuri" big). Found by checking every fi/sv term against an English word list.
 STOPWORDS = frozenset(
     """
     about above across after all along also and any are around back been before behind being below beside
@@ -52,11 +54,24 @@ STOPWORDS = frozenset(
     per same she should some such than that the their them then there these they this those three through
     too two under until upon very via was were what when where which while who why will with within without
     would yes yet you your
-    area bad big black blue bottom bright brown center centre central closed corner dark day east end far
-    free front good gray great green grey half high image kind large left light lights line little long
-    look looking looks lot lots low main middle narrow new nice night north old open photo picture place
-    point points pretty private public red right scene shot show showing shows side sits small sort south
-    stand standing stands tall thing things time top type used view way west white wide yellow young
+
+    act adult air area atomic bad big black blue bottom bright broken brown build center centre central check
+    clean closed common corner cover cross crowd curved cut dark day double draw east edge empty end event
+    eye fall family fan far figure flat flow force free frank front frozen good gray great green grey guard
+    half head heart heat help hide high hire image indoor infant key kind king large left legal light lights
+    line little live long look looking looks lot lots loud low main middle mind narrow nature new nice night
+    noise north old online open party pass photo picture place play point points power pretty print private
+    public queen race rain red right ring rough round royal run rush safe safety scan scene scenic screen
+    senior shot show showing shows side sight sign signal single sits slow small social sort sound south
+    speech speed spirit spring stand standing stands step steps stock sweet switch tall thing things tie time
+    tip top trade trust type union used view vision visual voice war watch way west white wide wild wind
+    woman women yellow yield young youth
+
+    brand civil charter container convention data destination donation driver era expedition experiment fond
+    gang grand hand hem hinder holding hot info installation lever mad mark medium minor mode motion
+    observation pale panel plan presenter program puts range representation research resident rest risk
+    rose sang spot tag torn vast walker
+    ben bob gina jude kari kate kris lana max oliver otto
     etta iso kanssa keskella lahella myos mutta oli pieni suuri tai tama tuo uusi vain valkoinen vanha
     att bara den det fran gammal inte liten med mens mitt nara ocksa och som stor till vid vit
     """.split()
@@ -64,8 +79,10 @@ STOPWORDS = frozenset(
 
 _TOKEN = re.compile(r"[^\W_]+")
 _JOIN = re.compile(r"[\s\-\u2010\u2011\u2013/]*")  # what may stand between the words of one multi-word term
-_NORDIC_SUFFIXES = ("erna", "arna", "orna", "lla", "ssa", "sta", "lle", "lta", "en", "et", "na", "n", "t")
+_NORDIC_SUFFIXES = ("erna", "arna", "orna", "lla", "ssa", "sta", "lle", "lta", "en", "et", "na", "n")
 _NORDIC_MIN_STEM = 5  # "järnvägsstationen", "kyrkan", "rautatieasemalla"; short stems misfire on English
+# English words that are a fi/sv term plus one of those endings: the only one left in a 100k-word list.
+_NOT_NORDIC = frozenset({"historian"})
 
 
 class VocabularyError(RetrieverError, ValueError):
@@ -73,7 +90,7 @@ class VocabularyError(RetrieverError, ValueError):
 
 
 def fold(text: str) -> str:
-    """Accent-fold and casefold: NFKD, combining marks dropped, casefolded ("Järnvägsstationen" -> "jarnvagsstationen")."""
+    """Accent-fold and casefold: NFKD, combining marks dropped, casefolded ("Järnväg" -> "jarnvag")."""
     if text.isascii():
         return text.lower()
     # Twice: casefolding can itself produce combining marks ("İ" -> "i̇") and NFKD can produce capitals ("Ⅻ").
@@ -109,21 +126,20 @@ def term_key(term: str) -> tuple[str, ...] | None:
 
 
 def _english_stems(word: str) -> list[str]:
-    """Singular candidates for a simple English plural: ferries -> ferry, churches -> church, parks -> park."""
-    if len(word) < 4:
+    """Singulars to try for a simple English plural: ferries -> ferry, houses -> house, churches -> church."""
+    if len(word) < 4 or not word.endswith("s") or word.endswith(("ss", "us", "is")):
         return []
-    stems = []
-    if word.endswith("ies") and len(word) > 4:
-        stems.append(word[:-3] + "y")
-    if word.endswith("es"):
+    stems = [word[:-3] + "y"] if word.endswith("ies") and len(word) > 4 else []
+    stems.append(word[:-1])
+    if word.endswith(("ses", "xes", "zes", "ches", "shes")):
         stems.append(word[:-2])
-    if word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        stems.append(word[:-1])
     return [s for s in stems if len(s) >= MIN_TERM_CHARS]
 
 
 def _nordic_stems(word: str) -> list[str]:
     """Stems for Swedish definite forms and a few Finnish case endings (-en, -et, -n, -lla, -ssa ...)."""
+    if word in _NOT_NORDIC:
+        return []
     return [
         word[: -len(suffix)]
         for suffix in _NORDIC_SUFFIXES
@@ -143,7 +159,7 @@ def valid_in_region(location_set: Mapping[str, Any] | None, region: str | None) 
 
     include = named(location_set.get("include", ["planet"]))
     exclude = named(location_set.get("exclude", []))
-    return bool(include & codes) and not (exclude & {region.lower()})
+    return bool(include & codes) and not (exclude & codes)  # an excluded area that contains the region
 
 
 @dataclass(frozen=True)
@@ -197,7 +213,8 @@ class Mention:
 @dataclass(frozen=True)
 class _TermIndex:
     entries: dict[tuple[str, ...], tuple[str, ...]]
-    nordic: frozenset[tuple[str, ...]]  # keys that come from a fi or sv term: only these take Nordic endings
+    english: frozenset[tuple[str, ...]]  # keys from an English term: only these take English plurals
+    nordic: frozenset[tuple[str, ...]]  # keys from a fi or sv term: only these take Nordic endings
     first_words: frozenset[str]
     max_words: int
 
@@ -207,42 +224,53 @@ class _TermIndex:
         if hit:
             return key, hit
         head, last = key[:-1], key[-1]
-        for stem in _english_stems(last):
-            hit = self.entries.get(head + (stem,))
-            if hit:
-                return head + (stem,), hit
-        for stem in _nordic_stems(last):
-            candidate = head + (stem,)
-            if candidate in self.nordic:
-                return candidate, self.entries[candidate]
+        for stems, allowed in ((_english_stems(last), self.english), (_nordic_stems(last), self.nordic)):
+            for stem in stems:
+                candidate = head + (stem,)
+                if candidate in allowed:  # "domes" is not Swedish "dom" (cathedral) in the plural
+                    return candidate, self.entries[candidate]
         return None
+
+
+def _alternatives(surfaces: Iterable[str]) -> list[str]:
+    """Each surface, and for "tram stop / platform" or "kantatie/pääkatu" also each part on its own."""
+    out: list[str] = []
+    for surface in surfaces:
+        if surface:
+            out.append(surface)
+            if "/" in surface:
+                out.extend(part for part in surface.split("/") if part.strip())
+    return out
 
 
 def _build_term_index(presets: Iterable[Preset], languages: tuple[str, ...]) -> _TermIndex:
     """Every name, alias and term of the presets in the languages, folded, with its presets ranked."""
     ranks: dict[tuple[str, ...], dict[str, int]] = {}
+    english: set[tuple[str, ...]] = set()
     nordic: set[tuple[str, ...]] = set()
     for preset in presets:
         for lang in languages:
+            # Rank: named by the words, then an alias or a project supplement term (curated), then iD's terms.
             groups = (
                 (0, (preset.names.get(lang, ""),)),
                 (1, preset.aliases.get(lang, ())),
+                (1, preset.supplement.get(lang, ())),
                 (2, preset.terms.get(lang, ())),
             )
             for rank, surfaces in groups:
-                for surface in surfaces:
-                    key = term_key(surface) if surface else None
+                for surface in _alternatives(surfaces):
+                    key = term_key(surface)
                     if key is None:
                         continue
                     best = ranks.setdefault(key, {})
                     if rank < best.get(preset.id, 99):
                         best[preset.id] = rank
-                    if lang != "en":
-                        nordic.add(key)
-    # A preset named by the words comes before one that merely lists them as a search term; then by id.
+                    (english if lang == "en" else nordic).add(key)
+    # Lower rank first, then by id.
     entries = {key: tuple(sorted(best, key=lambda pid: (best[pid], pid))) for key, best in ranks.items()}
     return _TermIndex(
         entries=entries,
+        english=frozenset(english),
         nordic=frozenset(nordic),
         first_words=frozenset(key[0] for key in entries),
         max_words=max((len(key) for key in entries), default=0),
@@ -365,7 +393,8 @@ class Vocabulary:
                 seen.add(candidate.id)
                 score = candidate.score(tags)
                 # Highest score wins; iD keeps the first of equals (tag order), we take the smaller id.
-                if score > best_score or (score == best_score and best is not None and candidate.id < best.id):
+                tie = score == best_score and best is not None and candidate.id < best.id
+                if score > best_score or tie:
                     best, best_score = candidate, score
         if best is None and any(key.startswith("addr:") for key in tags):
             address = self.presets.get(ADDRESS_PRESET)
@@ -374,12 +403,16 @@ class Vocabulary:
         return best
 
     def words(self, preset: Preset | str, languages: Iterable[str] = ("en",)) -> list[str]:
-        """A preset's name, aliases and terms in the languages, deduplicated in that order (for context text)."""
+        """A preset's name, aliases and terms in the languages, deduplicated, in order (for context text)."""
         if isinstance(preset, str):
             preset = self[preset]
         out: dict[str, None] = {}
         for lang in languages:
-            for word in (preset.names.get(lang, ""), *preset.aliases.get(lang, ()), *preset.terms.get(lang, ())):
+            for word in (
+                preset.names.get(lang, ""),
+                *preset.aliases.get(lang, ()),
+                *preset.terms.get(lang, ()),
+            ):
                 if word:
                     out.setdefault(word, None)
         return list(out)
@@ -412,18 +445,21 @@ class Vocabulary:
             words.append(m.group())
             spans.append((start, end))
         # joinable[i]: words i and i+1 are separated only by spaces or hyphens, so they can form one term.
-        joinable = [_JOIN.fullmatch(text, spans[i][1], spans[i + 1][0]) is not None for i in range(len(words) - 1)]
+        joinable = [
+            _JOIN.fullmatch(text, spans[i][1], spans[i + 1][0]) is not None for i in range(len(words) - 1)
+        ]
         found: list[Mention] = []
         i = 0
         while i < len(words):
             hit = None
             if len(words[i]) >= 2:  # a term's first word is never a single letter
                 longest = 1
-                while longest < index.max_words and i + longest < len(words) and joinable[i + longest - 1]:
-                    longest += 1
+                if words[i] in index.first_words:  # else only a one-word plural or inflected form can match
+                    while (
+                        longest < index.max_words and i + longest < len(words) and joinable[i + longest - 1]
+                    ):
+                        longest += 1
                 for n in range(longest, 0, -1):
-                    if n > 1 and words[i] not in index.first_words:
-                        continue
                     hit = index.lookup(tuple(words[i : i + n]))
                     if hit:
                         break
@@ -432,7 +468,9 @@ class Vocabulary:
                 continue
             key, ids = hit
             start, end = spans[i][0], spans[i + n - 1][1]
-            found.append(Mention(span=(start, end), surface=text[start:end], preset_ids=ids, term=" ".join(key)))
+            found.append(
+                Mention(span=(start, end), surface=text[start:end], preset_ids=ids, term=" ".join(key))
+            )
             i += n
         return found
 
@@ -444,8 +482,3 @@ class Vocabulary:
 @lru_cache(maxsize=4)
 def _load_default(region: str | None) -> Vocabulary:
     return Vocabulary.from_file(DEFAULT_PATH, region=region)
-
-
-def load(path: str | Path | None = None) -> Vocabulary:
-    """The vocabulary at path, or the packaged one (cached)."""
-    return Vocabulary.load(path)
