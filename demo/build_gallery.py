@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ import shapely
 from PIL import Image
 from tqdm import tqdm
 
+from demo import GALLERY
 from demo.descriptions import baselines, generate_descriptions
 from demo.osm import (
     ATTRIBUTION,
@@ -30,6 +30,8 @@ from demo.osm import (
     named_features,
 )
 from demo.render import crop, quantise, render_canvas
+from retriever._cli import run_cli
+from retriever._io import atomic_path, write_atomic, write_text_atomic
 
 CONTEXT_MARGIN_M = 10.0  # "in and near": a street running along the tile edge still belongs to it
 LOAD_MARGIN_M = 80.0  # features just outside the grid still draw their edges and labels into edge tiles
@@ -98,16 +100,8 @@ def tile_context(
     return texts, categories
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _save_png(image: Image.Image, path: Path, colors: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    quantise(image, colors).save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: quantise(image, colors).save(handle, format="PNG", optimize=True))
 
 
 def _jsonl(records: Sequence[dict]) -> str:
@@ -130,7 +124,7 @@ Rebuild: `python -m demo.build_gallery --out <folder>`
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m demo.build_gallery", description=__doc__)
     parser.add_argument(
-        "--out", type=Path, default=Path("assets/demo/gallery"), help="gallery folder to (re)write"
+        "--out", type=Path, default=GALLERY, help="gallery folder to (re)write (default %(default)s)"
     )
     parser.add_argument(
         "--bbox",
@@ -155,45 +149,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build(args: argparse.Namespace) -> dict:
-    """Run every step; returns the summary also written to gallery.json."""
-    start = time.perf_counter()
+def _checked_bbox(args: argparse.Namespace) -> Bbox:
+    """The --bbox as a tuple, after checking the flags a build would otherwise fail on half-way."""
     bbox: Bbox = tuple(args.bbox)  # type: ignore[assignment]
     if len(bbox) != 4 or not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
-        raise SystemExit(
+        raise ValueError(
             f"--bbox must be west,south,east,north with west<east and south<north, got {args.bbox}"
         )
-    out: Path = args.out
-    (out / "tiles").mkdir(parents=True, exist_ok=True)
-    (out / "tiles.parquet").unlink(
-        missing_ok=True
-    )  # the parquet is the manifest: absent until all is written
+    if args.pbf is not None and not Path(args.pbf).is_file():
+        raise FileNotFoundError(f"--pbf {args.pbf} does not exist")
+    return bbox
 
-    grid = make_grid(bbox, args.tile_size_m, args.stride_m)
+
+def render_tiles(
+    layers: Layers, grid: gpd.GeoDataFrame, folder: Path, tile_size_m: float, px: int, colors: int
+) -> None:
+    """One PNG per grid tile in `folder`, cropped from one big render so labels flow across tiles; stale
+    PNGs of an earlier, larger grid are removed."""
     extent = tuple(grid.total_bounds)
-    load_bbox = tuple(
-        gpd.GeoSeries([shapely.box(*extent).buffer(LOAD_MARGIN_M)], crs=METRIC_CRS)
-        .to_crs("EPSG:4326")
-        .total_bounds
-    )
-    layers = load_layers(load_bbox, pbf=args.pbf, cache_dir=args.cache_dir, refresh=args.refresh_cache)
-
-    px_per_m = args.px / args.tile_size_m
-    canvas = render_canvas(layers, extent, px_per_m)  # one big render, then crops: labels flow across tiles
+    canvas = render_canvas(layers, extent, px / tile_size_m)
     keep = set()
     for tile_id, footprint in tqdm(
         zip(grid["tile_id"], grid.geometry, strict=True), total=len(grid), desc="tiles"
     ):
         name = f"{tile_id}.png"
-        _save_png(crop(canvas, extent, footprint.bounds, args.px), out / "tiles" / name, args.colors)
+        _save_png(crop(canvas, extent, footprint.bounds, px), folder / name, colors)
         keep.add(name)
-    for stale in (out / "tiles").glob("*.png"):
+    for stale in folder.glob("*.png"):
         if stale.name not in keep:
             stale.unlink()
 
+
+def tiles_table(grid: gpd.GeoDataFrame, layers: Layers) -> gpd.GeoDataFrame:
+    """tiles.parquet: one row per tile with its centre, image path, named-feature context and categories."""
     features, categories = tile_context(grid, layers)
     centres = gpd.GeoSeries(grid.geometry.centroid, crs=METRIC_CRS).to_crs("EPSG:4326")
-    tiles = gpd.GeoDataFrame(
+    return gpd.GeoDataFrame(
         {
             "tile_id": grid["tile_id"],
             "row": grid["row"],
@@ -209,17 +200,38 @@ def build(args: argparse.Namespace) -> dict:
         crs="EPSG:4326",
     )
 
+
+def build(args: argparse.Namespace) -> dict:
+    """Run every step; returns the summary also written to gallery.json."""
+    start = time.perf_counter()
+    bbox = _checked_bbox(args)
+    out: Path = args.out
+    (out / "tiles").mkdir(parents=True, exist_ok=True)
+    (out / "tiles.parquet").unlink(
+        missing_ok=True
+    )  # the parquet is the manifest: absent until all is written
+
+    grid = make_grid(bbox, args.tile_size_m, args.stride_m)
+    load_bbox = tuple(
+        gpd.GeoSeries([shapely.box(*grid.total_bounds).buffer(LOAD_MARGIN_M)], crs=METRIC_CRS)
+        .to_crs("EPSG:4326")
+        .total_bounds
+    )
+    layers = load_layers(load_bbox, pbf=args.pbf, cache_dir=args.cache_dir, refresh=args.refresh_cache)
+    render_tiles(layers, grid, out / "tiles", args.tile_size_m, args.px, args.colors)
+    tiles = tiles_table(grid, layers)
+
     splits = {}
     for split, per_tile in (("train", args.train_per_tile), ("val", args.val_per_tile)):
         records = generate_descriptions(
             layers, grid, split, per_tile, seed=args.seed, stride_m=args.stride_m, progress=True
         )
-        _atomic_write_text(out / f"descriptions_{split}.jsonl", _jsonl(records))
+        write_text_atomic(out / f"descriptions_{split}.jsonl", _jsonl(records))
         splits[split] = records
 
     figures = baselines(tiles, splits["val"], seed=args.seed)
-    _atomic_write_text(out / "baselines.json", json.dumps(figures, indent=1))
-    _atomic_write_text(out / "ATTRIBUTION.md", ATTRIBUTION_MD.format(attribution=ATTRIBUTION))
+    write_text_atomic(out / "baselines.json", json.dumps(figures, indent=1))
+    write_text_atomic(out / "ATTRIBUTION.md", ATTRIBUTION_MD.format(attribution=ATTRIBUTION))
     sizes = [p.stat().st_size for p in (out / "tiles").glob("*.png")]
     summary = {
         "attribution": ATTRIBUTION,
@@ -236,26 +248,33 @@ def build(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "build_s": round(time.perf_counter() - start, 1),
     }
-    _atomic_write_text(out / "gallery.json", json.dumps(summary, indent=1))
-    tmp = out / "tiles.parquet.tmp"
-    tiles.to_parquet(tmp)
-    os.replace(tmp, out / "tiles.parquet")  # last: its presence proves the gallery is complete
+    write_text_atomic(out / "gallery.json", json.dumps(summary, indent=1))
+    with atomic_path(out / "tiles.parquet") as tmp:  # last: its presence proves the gallery is complete
+        tiles.to_parquet(tmp)
     return {**summary, "baselines": {k: figures[k] for k in ("bm25", "random")}}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    summary = build(args)
+def _report(summary: dict, out: Path) -> str:
     b, r = summary["baselines"]["bm25"], summary["baselines"]["random"]
-    print(
-        f"{summary['n_tiles']} tiles ({summary['tiles_mb']} MB), {summary['n_train']} train / {summary['n_val']} val "
-        f"descriptions in {summary['build_s']} s -> {args.out}\n"
+    return (
+        f"{summary['n_tiles']} tiles ({summary['tiles_mb']} MB), {summary['n_train']} train / "
+        f"{summary['n_val']} val descriptions in {summary['build_s']} s -> {out}\n"
         + "\n".join(
             f"{name:>6}: R@1 {f['R@1']:.3f}  R@5 {f['R@5']:.3f}  R@10 {f['R@10']:.3f}  L@100 {f['L@100']:.3f}"
             for name, f in (("bm25", b), ("random", r))
         )
     )
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m demo.build_gallery`: 0 when built; a user mistake prints `error: ...` and returns 2."""
+
+    def job(args: Sequence[str] | None) -> int:
+        parsed = build_parser().parse_args(args)
+        print(_report(build(parsed), parsed.out))
+        return 0
+
+    return run_cli(job, argv)
 
 
 if __name__ == "__main__":

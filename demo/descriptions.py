@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -15,9 +17,13 @@ from shapely.geometry import Point
 from shapely.ops import nearest_points
 from tqdm import tqdm
 
-from retriever.index.hybrid import tokenize
-from retriever.evaluate.metrics import haversine_km  # one tokenizer for the baseline and the app's hybrid mode
+from demo import require
 from demo.osm import METRIC_CRS, Layers, named_features
+from retriever.errors import DataFormatError
+from retriever.evaluate.metrics import first_relevant, haversine_km, recall_at_k
+from retriever.index.hybrid import (
+    ContextMatcher,  # one BM25 and tokenizer for the baseline and the app's hybrid mode
+)
 
 SPLITS = ("train", "val")
 STREET_CLASSES = (
@@ -842,20 +848,28 @@ def generate_descriptions(
     ]
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a descriptions_*.jsonl file, as generate_descriptions wrote them (one object per line)."""
+    text = require(Path(path), "build the gallery first: python -m demo.build_gallery").read_text(
+        encoding="utf-8"
+    )
+    records = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}, line {line_no}: not JSON ({err.msg})") from err
+    return records
+
+
 # --- baselines ---------------------------------------------------------------------------------------------------
 
 
-# Function words and the pedestrian's framing ("on my left I see"): they match every tile's text by chance.
 def bm25_scores(queries: Sequence[str], documents: Sequence[str]) -> np.ndarray:
-    """(Q, T) BM25 scores of each query against each tile's context text."""
-    from rank_bm25 import BM25Okapi
-
-    bm25 = BM25Okapi([tokenize(d) or ["_"] for d in documents])
-    return (
-        np.stack([bm25.get_scores(tokenize(q)) for q in queries])
-        if queries
-        else np.zeros((0, len(documents)))
-    )
+    """(Q, T) BM25 scores of each query against each tile's context text (the app's ContextMatcher)."""
+    matcher = ContextMatcher(documents)
+    return np.stack([matcher.scores(q) for q in queries]) if queries else np.zeros((0, len(documents)))
 
 
 def haversine_m(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.ndarray) -> np.ndarray:
@@ -874,16 +888,19 @@ def evaluate_scores(
     """
     index = {t: i for i, t in enumerate(tiles["tile_id"])}
     order = np.argsort(-scores, axis=1, kind="stable")  # (Q, T)
-    top = order[:, : max(ks)]
+    contains = np.zeros(scores.shape, dtype=bool)  # (Q, T): the tile's footprint holds the location
+    nearest = np.zeros(scores.shape, dtype=bool)  # (Q, T): the tile's centre is the nearest one
+    for q, rec in enumerate(queries):
+        contains[q, [index[t] for t in rec["tile_ids"]]] = True
+        nearest[q, index[rec["tile_id"]]] = True
+    first, first_strict = first_relevant(order, contains), first_relevant(order, nearest)  # (Q,), (Q,)
     out: dict[str, float] = {}
     for k in ks:
-        hit = [bool(set(top[q, :k]) & {index[t] for t in rec["tile_ids"]}) for q, rec in enumerate(queries)]
-        strict = [index[rec["tile_id"]] in top[q, :k] for q, rec in enumerate(queries)]
-        out[f"R@{k}"] = float(np.mean(hit)) if hit else 0.0
-        out[f"R@{k}_strict"] = float(np.mean(strict)) if strict else 0.0
+        out[f"R@{k}"] = recall_at_k(first, k) if len(queries) else 0.0
+        out[f"R@{k}_strict"] = recall_at_k(first_strict, k) if len(queries) else 0.0
     lat = np.array([r["lat"] for r in queries])
     lon = np.array([r["lon"] for r in queries])
-    best = top[:, 0]
+    best = order[:, 0]
     dist = haversine_m(lat, lon, tiles["lat"].to_numpy()[best], tiles["lon"].to_numpy()[best])
     for d in (50, 100, 150):
         out[f"L@{d}"] = float(np.mean(dist <= d)) if len(dist) else 0.0

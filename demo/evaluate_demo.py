@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from demo import ADAPTER, GALLERY, INDEX, require
+from demo.descriptions import baselines, bm25_scores, evaluate_scores, read_records
+from retriever._cli import run_cli
 from retriever._io import write_json_atomic
-from retriever.models.encoder import load_retriever
-from retriever.index.hybrid import ContextMatcher, fuse
 from retriever.index import TileIndex
-from demo.descriptions import baselines, evaluate_scores
-from demo.train_demo import DEMO_MODEL_ID
+from retriever.index.hybrid import fuse
+from retriever.models.demo_base import DEMO_MODEL_ID
+from retriever.models.encoder import load_retriever
 
 HEADLINE = ("R@1", "R@5", "R@10", "L@100", "R@1_strict", "R@10_strict", "mean_dev_km")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def fit_hybrid_weight(
@@ -44,11 +42,35 @@ def table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def erm_rows(
+    retriever: Any, index: TileIndex, queries: list[dict], similarity: np.ndarray, limit: int
+) -> dict[str, dict[str, float]]:
+    """Pixels-only figures and ERM re-ranking of the top 5, both on the first `limit` queries (rows of the
+    (Q, G) `similarity`)."""
+    from retriever.explain import Explainer
+
+    queries, similarity = queries[:limit], similarity[:limit]
+
+    explainer = Explainer(retriever, adapter_off=True, autocast_bf16=True)  # as the app does
+    tiles = index.tiles
+    position = {t: i for i, t in enumerate(tiles["tile_id"])}
+    reranked = similarity.copy()  # (Q, G)
+    for row, query in enumerate(queries):
+        top = index.search_text(retriever, [query["text"]], k=5)[0]
+        # push the re-ranked five above everything, in their new order
+        for rank, hit in enumerate(explainer.rerank(query["text"], top, k=5)):
+            reranked[row, position[hit.tile_id]] = 10.0 - rank
+    return {
+        f"MLLM, pixels only (first {limit})": evaluate_scores(similarity, queries, tiles),
+        f"MLLM + ERM top-5 (first {limit})": evaluate_scores(reranked, queries, tiles),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m demo.evaluate_demo", description=__doc__)
-    p.add_argument("--gallery", type=Path, default=Path("assets/demo/gallery"))
-    p.add_argument("--adapter", type=Path, default=Path("assets/demo/adapter"))
-    p.add_argument("--index", type=Path, default=Path("assets/demo/index"))
+    p.add_argument("--gallery", type=Path, default=GALLERY, help="built gallery folder (default %(default)s)")
+    p.add_argument("--adapter", type=Path, default=ADAPTER, help="trained adapter (default %(default)s)")
+    p.add_argument("--index", type=Path, default=INDEX, help="the gallery's index (default %(default)s)")
     p.add_argument(
         "--fit-queries", type=int, default=500, help="training descriptions used to fit the hybrid weight"
     )
@@ -56,24 +78,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--erm", type=int, default=0, help="also measure ERM re-ranking of the top-5 on this many queries"
     )
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    args = p.parse_args(argv)
+    return p
 
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Evaluate and print the table; returns the figures (also written to --out when given)."""
+    args = build_parser().parse_args(argv)
+    val = read_records(args.gallery / "descriptions_val.jsonl")
+    train = read_records(args.gallery / "descriptions_train.jsonl")
+    require(args.adapter, "train it first: python -m demo.train_demo")
+    require(
+        args.index,
+        f"build it first: python -m retriever.index build --model {DEMO_MODEL_ID} --adapter {args.adapter} "
+        f"--tiles {args.gallery} --out {args.index}",
+    )
     retriever = load_retriever(DEMO_MODEL_ID, adapter=args.adapter, device="cpu")
     index = TileIndex.load(args.index, retriever=retriever)
     tiles = index.tiles
-    val = read_jsonl(args.gallery / "descriptions_val.jsonl")
-    fit = random.Random(0).sample(read_jsonl(args.gallery / "descriptions_train.jsonl"), args.fit_queries)
+    fit = random.Random(0).sample(train, args.fit_queries)
     embeddings = np.asarray(index.embeddings, dtype=np.float32)  # (G, D)
-    matcher = ContextMatcher([str(c) for c in tiles["features"]])
+    contexts = [str(c) for c in tiles["features"]]
 
     def similarity(queries: list[dict]) -> np.ndarray:
-        return (
-            retriever.encode_queries([q["text"] for q in queries], batch_size=64).numpy() @ embeddings.T
-        )  # (Q, G)
+        return retriever.encode_queries([q["text"] for q in queries], batch_size=64).numpy() @ embeddings.T
 
-    sim_val, sim_fit = similarity(val), similarity(fit)
-    bm25_val = np.stack([matcher.scores(q["text"]) for q in val])
-    bm25_fit = np.stack([matcher.scores(q["text"]) for q in fit])
+    sim_val, sim_fit = similarity(val), similarity(fit)  # (Q, G)
+    bm25_val = bm25_scores([q["text"] for q in val], contexts)  # (Q, G)
+    bm25_fit = bm25_scores([q["text"] for q in fit], contexts)
     weight = fit_hybrid_weight(sim_fit, bm25_fit, fit, tiles)
     reference = baselines(tiles, val)
     rows = {
@@ -85,21 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
     }
     if args.erm:
-        from retriever.explain import Explainer
-
-        explainer = Explainer(retriever, adapter_off=True, autocast_bf16=True)  # as the app does
-        subset = val[: args.erm]
-        position = {t: i for i, t in enumerate(tiles["tile_id"])}
-        reranked = sim_val[: args.erm].copy()
-        for row, query in enumerate(subset):
-            top = index.search_text(retriever, [query["text"]], k=5)[0]
-            new_order = explainer.rerank(query["text"], top, k=5)
-            for rank, hit in enumerate(
-                new_order
-            ):  # push the re-ranked five above everything, in their new order
-                reranked[row, position[hit.tile_id]] = 10.0 - rank
-        rows[f"MLLM, pixels only (first {args.erm})"] = evaluate_scores(sim_val[: args.erm], subset, tiles)
-        rows[f"MLLM + ERM top-5 (first {args.erm})"] = evaluate_scores(reranked, subset, tiles)
+        rows.update(erm_rows(retriever, index, val, sim_val, args.erm))
     print(f"{len(val)} held-out descriptions (phrasings never trained on), {len(tiles)} tiles\n")
     print(table(rows))
     result = {"n_queries": len(val), "n_tiles": len(tiles), "hybrid_weight": weight, "rows": rows}
@@ -108,5 +125,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m demo.evaluate_demo`: 0 when evaluated; a user mistake prints `error: ...` and returns 2."""
+
+    def job(args: Sequence[str] | None) -> int:
+        run(args)
+        return 0
+
+    return run_cli(job, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

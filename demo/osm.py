@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,7 +17,9 @@ import shapely
 from shapely.geometry import LineString, Point, box
 from shapely.ops import linemerge, polygonize, unary_union
 
+from retriever._io import atomic_path, write_text_atomic
 from retriever.errors import DataFormatError, MissingDependencyError
+from retriever.models.demo_base import cache_root
 
 Bbox = tuple[float, float, float, float]  # west, south, east, north (EPSG:4326)
 Layers = dict[str, gpd.GeoDataFrame]
@@ -287,9 +288,8 @@ def osm_path() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """Where parsed layers are cached: $GEOTEXT_CACHE, else $XDG_CACHE_HOME or ~/.cache."""
-    root = os.environ.get("GEOTEXT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return Path(root) / "geotext-retriever" / "osm"
+    """Where parsed layers are cached: `osm/` under the project's one cache root ($GEOTEXT_CACHE itself)."""
+    return cache_root() / "osm"
 
 
 def bbox_to_metric(bbox: Bbox) -> shapely.Polygon:
@@ -619,18 +619,15 @@ def load_layers(
     folder.mkdir(parents=True, exist_ok=True)
     manifest.unlink(missing_ok=True)
     for name, gdf in layers.items():
-        tmp = folder / f"{name}.parquet.tmp"
-        gdf.to_parquet(tmp)
-        os.replace(tmp, folder / f"{name}.parquet")
+        with atomic_path(folder / f"{name}.parquet") as tmp:
+            gdf.to_parquet(tmp)
     info = {
         "pbf": pbf.name,
         "bbox": list(bbox),
         "version": CACHE_VERSION,
         "counts": {k: len(v) for k, v in layers.items()},
     }
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, manifest)
+    write_text_atomic(manifest, json.dumps(info, indent=1))  # last: it vouches for the layers beside it
     return layers
 
 

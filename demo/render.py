@@ -1,27 +1,30 @@
-"""Render OSM layers as OSM-Carto-like map images (geopandas + matplotlib Agg) and cut them into tiles."""
+"""Render OSM layers as OSM-Carto-like map images (geopandas + matplotlib Agg) and cut them into tiles.
+
+Figures are drawn on an explicit Agg canvas, so importing this module leaves matplotlib's backend alone.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import geopandas as gpd
-import matplotlib
+import matplotlib.patheffects as pe
+import numpy as np
+import shapely
+import shapely.affinity
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+from shapely.geometry import LineString, box
+from shapely.ops import linemerge, substring, unary_union
 
-matplotlib.use("Agg")  # headless: the build runs on servers and in tests
-import matplotlib.patheffects as pe  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import shapely  # noqa: E402
-import shapely.affinity  # noqa: E402
-from PIL import Image  # noqa: E402
-from shapely.geometry import LineString, box  # noqa: E402
-from shapely.ops import linemerge, substring, unary_union  # noqa: E402
-
-from demo.osm import Layers  # noqa: E402
+from demo.osm import Layers
 
 Extent = tuple[float, float, float, float]  # minx, miny, maxx, maxy in METRIC_CRS metres
+Visible = Callable[[str], gpd.GeoDataFrame]  # layer name -> its features near the view
 
 DPI = 100
 LAND = "#f2efe9"
@@ -182,7 +185,7 @@ def _rotated_box(x: float, y: float, w: float, h: float, angle_deg: float) -> sh
     return shapely.affinity.translate(shapely.affinity.rotate(rect, angle_deg, origin=(0, 0)), x, y)
 
 
-def _text(ax: plt.Axes, x: float, y: float, text: str, style: TextStyle, **kw: object) -> None:
+def _text(ax: Axes, x: float, y: float, text: str, style: TextStyle, **kw: object) -> None:
     ax.text(
         x,
         y,
@@ -230,7 +233,7 @@ def _street_label_spots(
         yield mid.x, mid.y, angle
 
 
-def _draw_lines(ax: plt.Axes, gdf: gpd.GeoDataFrame, style: LineStyle, pt_per_m: float, casing: bool) -> None:
+def _draw_lines(ax: Axes, gdf: gpd.GeoDataFrame, style: LineStyle, pt_per_m: float, casing: bool) -> None:
     if len(gdf) == 0:
         return
     width = (style.width_m + (2 * style.casing_m if casing else 0)) * pt_per_m
@@ -243,24 +246,8 @@ def _draw_lines(ax: plt.Axes, gdf: gpd.GeoDataFrame, style: LineStyle, pt_per_m:
     gdf.plot(ax=ax, color=color, linewidth=width, zorder=style.z + (0 if casing else 0.5), **kw)
 
 
-def render_canvas(layers: Layers, extent: Extent, px_per_m: float) -> Image.Image:
-    """Draw every layer over `extent` at `px_per_m` pixels per metre; returns an RGB image (north up)."""
-    x0, y0, x1, y1 = extent
-    width_px, height_px = round((x1 - x0) * px_per_m), round((y1 - y0) * px_per_m)
-    pt_per_m = px_per_m * 72 / DPI
-    fig = plt.figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, facecolor=LAND)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(x0, x1)
-    ax.set_ylim(y0, y1)
-    ax.set_axis_off()
-    ax.set_facecolor(LAND)
-    view = box(*extent).buffer(60)
-
-    def visible(name: str) -> gpd.GeoDataFrame:
-        gdf = layers[name]
-        return gdf[gdf.intersects(view)] if len(gdf) else gdf
-
-    # Areas, bottom to top: land use, greenery, water, squares, platforms, buildings.
+def _draw_areas(ax: Axes, visible: Visible, pt_per_m: float) -> None:
+    """Areas, bottom to top: land use, greenery, water, squares, platforms, trees, buildings."""
     landuse = visible("landuse")
     for kind, colour in LANDUSE_FILL.items():
         part = landuse[landuse["category"] == kind]
@@ -303,7 +290,11 @@ def render_canvas(layers: Layers, extent: Extent, px_per_m: float) -> Image.Imag
     if len(buildings):
         buildings.plot(ax=ax, color=BUILDING_FILL, edgecolor=BUILDING_EDGE, linewidth=0.6, zorder=-4)
 
-    # Lines: every casing below every fill, so crossings read as junctions.
+
+def _draw_network(ax: Axes, visible: Visible, pt_per_m: float) -> gpd.GeoDataFrame:
+    """Roads and rails, every casing below every fill so crossings read as junctions; returns the surface
+    roads (the ones that carry street labels)."""
+    rail = visible("rail")
     roads = visible("roads")
     tunnels = roads["tunnel"].astype(bool)
     surface = roads[~tunnels]
@@ -325,6 +316,30 @@ def render_canvas(layers: Layers, extent: Extent, px_per_m: float) -> Image.Imag
             linestyle=(0, RAIL_DASH.dash),
             zorder=22,
         )
+    return surface
+
+
+def render_canvas(layers: Layers, extent: Extent, px_per_m: float) -> Image.Image:
+    """Draw every layer over `extent` at `px_per_m` pixels per metre; returns an RGB image (north up)."""
+    x0, y0, x1, y1 = extent
+    width_px, height_px = round((x1 - x0) * px_per_m), round((y1 - y0) * px_per_m)
+    pt_per_m = px_per_m * 72 / DPI
+    # headless and stateless: an Agg canvas of our own, not pyplot's global figure manager
+    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, facecolor=LAND)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_axis_off()
+    ax.set_facecolor(LAND)
+    view = box(*extent).buffer(60)
+
+    def visible(name: str) -> gpd.GeoDataFrame:
+        gdf = layers[name]
+        return gdf[gdf.intersects(view)] if len(gdf) else gdf
+
+    _draw_areas(ax, visible, pt_per_m)
+    surface = _draw_network(ax, visible, pt_per_m)
 
     placer = _Placer(px_per_m)
     _label_streets(ax, surface, placer)
@@ -334,12 +349,10 @@ def render_canvas(layers: Layers, extent: Extent, px_per_m: float) -> Image.Imag
 
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba())
-    image = Image.fromarray(rgba[..., :3].copy())
-    plt.close(fig)
-    return image
+    return Image.fromarray(rgba[..., :3].copy())
 
 
-def _label_streets(ax: plt.Axes, roads: gpd.GeoDataFrame, placer: _Placer) -> None:
+def _label_streets(ax: Axes, roads: gpd.GeoDataFrame, placer: _Placer) -> None:
     named = roads[roads["name"].notna() & roads["category"].isin(STREET_LABEL_CLASSES)]
     order = {cls: i for i, cls in enumerate(ROAD_STYLES)}
     groups = sorted(named.groupby("name"), key=lambda kv: min(order[c] for c in kv[1]["category"]))
@@ -370,7 +383,7 @@ AREA_LABELS: tuple[tuple[str, tuple[str, ...] | None, str], ...] = (
 )
 
 
-def _label_areas(ax: plt.Axes, layers: Layers, view: shapely.Geometry, placer: _Placer) -> None:
+def _label_areas(ax: Axes, layers: Layers, view: shapely.Geometry, placer: _Placer) -> None:
     for layer, categories, style_name in AREA_LABELS:
         gdf = layers[layer]
         gdf = gdf[gdf["name"].notna() & gdf.intersects(view)]
@@ -387,7 +400,7 @@ def _label_areas(ax: plt.Axes, layers: Layers, view: shapely.Geometry, placer: _
                 _text(ax, spot.x, spot.y, name, style)
 
 
-def _draw_pois(ax: plt.Axes, pois: gpd.GeoDataFrame, placer: _Placer) -> None:
+def _draw_pois(ax: Axes, pois: gpd.GeoDataFrame, placer: _Placer) -> None:
     pt_per_px = 72 / DPI
     for category, symbol in POI_SYMBOLS.items():
         part = pois[pois["category"] == category]
@@ -432,7 +445,7 @@ def _draw_pois(ax: plt.Axes, pois: gpd.GeoDataFrame, placer: _Placer) -> None:
                 break
 
 
-def _label_places(ax: plt.Axes, places: gpd.GeoDataFrame, placer: _Placer) -> None:
+def _label_places(ax: Axes, places: gpd.GeoDataFrame, placer: _Placer) -> None:
     for name, category, point in zip(places["name"], places["category"], places.geometry, strict=True):
         style = TEXT_STYLES["water" if category == "water" else "district"]
         text = name if category == "water" else name.upper()
@@ -450,11 +463,6 @@ def crop(canvas: Image.Image, canvas_extent: Extent, tile_bounds: Extent, px: in
     left = round((tile_bounds[0] - x0) * scale)
     top = round((y1 - tile_bounds[3]) * scale)  # image rows grow southwards
     return canvas.crop((left, top, left + px, top + px))
-
-
-def render_tile(layers: Layers, bounds: Extent, px: int = 256) -> Image.Image:
-    """Render one tile on its own (labels then sit wholly inside it)."""
-    return render_canvas(layers, bounds, px / (bounds[2] - bounds[0])).resize((px, px))
 
 
 def quantise(image: Image.Image, colors: int = 64) -> Image.Image:

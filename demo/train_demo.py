@@ -5,6 +5,9 @@ few of those 9 layers only, so the hidden states of each description below the L
 computed once and cached, and a training step runs just the adapted layers for the descriptions. The tiles go
 through the whole path (vision tower -> connector -> 9 LM layers). The saved adapter is an ordinary peft folder
 (LoRA + the vision tower and connector in full) that load_retriever() loads like any other.
+
+Stage 1 (stage_query_side) fits the LoRA against one free vector per tile; stage 2 (stage_vision) teaches the
+vision tower to put each tile's pixels on its vector.
 """
 
 from __future__ import annotations
@@ -13,26 +16,30 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from demo import ADAPTER, GALLERY, require
+from demo.descriptions import read_records
+from retriever._cli import run_cli
+from retriever.evaluate.metrics import first_relevant, haversine_km, recall_at_k
 from retriever.models.adapters import add_adapter, save_adapter
+from retriever.models.backbones import LLM_PROJECTIONS, get_attr_path
+from retriever.models.demo_base import DEMO_MODEL_ID, TRAINED_MODULES
 from retriever.models.encoder import Retriever, load_retriever
-from retriever.train.losses import LearnableTemperature
-from retriever.evaluate.metrics import haversine_km
 from retriever.models.pooling import get_pooler
-from retriever.models.demo_base import TRAINED_MODULES
+from retriever.train.losses import LearnableTemperature
 
-DEMO_MODEL_ID = "geotext/helsinki-smolvlm-base-v1"
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BUILD_HINT = "build the gallery first: python -m demo.build_gallery"
 
 
 @dataclass
@@ -44,14 +51,50 @@ class Description:
 
 
 def read_descriptions(path: Path) -> list[Description]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [Description(r["text"], str(r["tile_id"]), float(r["lat"]), float(r["lon"])) for r in rows]
+    """The descriptions of one descriptions_*.jsonl file, with their true tile and location."""
+    return [
+        Description(r["text"], str(r["tile_id"]), float(r["lat"]), float(r["lon"]))
+        for r in read_records(path)
+    ]
 
 
-def lora_targets(first_layer: int, last_layer: int) -> str:
-    """A peft regex for the projections of text-model layers first_layer..last_layer-1."""
+@dataclass
+class Gallery:
+    """What training reads from a gallery folder: tiles (in parquet order), their context and descriptions."""
+
+    tile_ids: list[str]
+    images: dict[str, Image.Image]
+    meta: dict[str, np.ndarray]  # "lat", "lon": (G,) tile centres, in tile_ids order
+    contexts: list[str]  # (G,) each tile's named-feature text
+    train: list[Description]
+    val: list[Description]
+
+
+def load_gallery(folder: Path, val_limit: int, seed: int) -> Gallery:
+    """Read a built gallery; validation keeps a seeded sample of at most `val_limit` descriptions."""
+    import geopandas as gpd
+
+    meta_df = gpd.read_parquet(require(folder / "tiles.parquet", BUILD_HINT))
+    tile_ids = [str(t) for t in meta_df["tile_id"]]
+    images = {t: Image.open(folder / path).convert("RGB") for t, path in zip(tile_ids, meta_df["image_path"])}
+    train = [d for d in read_descriptions(folder / "descriptions_train.jsonl") if d.tile_id in images]
+    val = [d for d in read_descriptions(folder / "descriptions_val.jsonl") if d.tile_id in images]
+    return Gallery(
+        tile_ids=tile_ids,
+        images=images,
+        meta={"lat": meta_df["lat"].to_numpy(), "lon": meta_df["lon"].to_numpy()},
+        contexts=[str(f) for f in meta_df["features"]],
+        train=train,
+        val=random.Random(seed).sample(val, min(val_limit, len(val))),
+    )
+
+
+def lora_targets(decoder_attr: str, first_layer: int, last_layer: int) -> str:
+    """A peft regex for the projections of decoder layers first_layer..last_layer-1 (decoder at `decoder_attr`)."""
     layers = "|".join(str(i) for i in range(first_layer, last_layer))
-    return rf".*text_model\.layers\.({layers})\.(self_attn|mlp)\.({'|'.join(PROJECTIONS)})$"
+    return (
+        rf".*{re.escape(decoder_attr)}\.layers\.({layers})\.(self_attn|mlp)\.({'|'.join(LLM_PROJECTIONS)})$"
+    )
 
 
 class CachedQueryPath:
@@ -61,32 +104,37 @@ class CachedQueryPath:
         self.r = retriever
         self.start = first_trainable_layer  # states are cached after this many layers
         self.stop = retriever.config.pool_layer
-        self.text_model = retriever.base_model.model.text_model
+        self.decoder = get_attr_path(retriever.base_model, retriever.family.language_model_attr)
+        self.layers = retriever.decoder_layers()
         self.pool = get_pooler(retriever.config.pooling)
 
     @torch.no_grad()
     def cache(self, texts: Sequence[str], batch_size: int = 64) -> list[torch.Tensor]:
         """Hidden states after `start` layers, one (T_i, H) bf16 tensor per text, padding dropped."""
         states: list[torch.Tensor] = []
-        layer = self.text_model.layers[self.start - 1]
         for s in tqdm(range(0, len(texts), batch_size), desc="Caching description states", unit="batch"):
             batch = self.r.tokenize_queries(texts[s : s + batch_size])
-            captured: dict[str, torch.Tensor] = {}
-
-            def hook(_m: Any, _i: Any, out: Any, captured: dict = captured) -> None:
-                captured["h"] = out[0] if isinstance(out, tuple) else out
-                raise StopIteration
-
-            handle = layer.register_forward_hook(hook)
-            try:
-                self.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            except StopIteration:
-                pass
-            finally:
-                handle.remove()
+            hidden = self._hidden_after_start(batch)  # (B, T, H)
             lengths = batch["attention_mask"].sum(1).tolist()
-            states += [h[:n].to(torch.bfloat16).clone() for h, n in zip(captured["h"], lengths)]
+            states += [h[:n].to(torch.bfloat16).clone() for h, n in zip(hidden, lengths)]
         return states
+
+    def _hidden_after_start(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run the decoder on a tokenized batch and stop it once layer `start` is done: -> (B, T, H)."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_m: Any, _i: Any, out: Any) -> None:
+            captured["h"] = out[0] if isinstance(out, tuple) else out
+            raise StopIteration  # the layers above are not needed
+
+        handle = self.layers[self.start - 1].register_forward_hook(hook)
+        try:
+            self.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        except StopIteration:
+            pass
+        finally:
+            handle.remove()
+        return captured["h"]
 
     def embed(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
         """Run layers start..stop-1 on right-padded cached states and pool: -> (B, D) unit vectors."""
@@ -94,32 +142,35 @@ class CachedQueryPath:
         hidden = torch.nn.utils.rnn.pad_sequence([s.float() for s in states], batch_first=True)  # (B, T, H)
         mask = (torch.arange(hidden.shape[1])[None, :] < lengths[:, None]).long()  # (B, T)
         positions = torch.arange(hidden.shape[1])[None, :].expand(hidden.shape[0], -1)
-        rotary = self.text_model.rotary_emb(hidden, positions)
-        for layer in self.text_model.layers[self.start : self.stop]:
+        rotary = self.decoder.rotary_emb(hidden, positions)
+        for layer in self.layers[self.start : self.stop]:
             # causal attention with right padding: real tokens never see the pads, so no mask is needed
             out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary)
             hidden = out[0] if isinstance(out, tuple) else out
         return torch.nn.functional.normalize(self.pool(hidden.float(), mask), dim=-1)
 
 
-def validate(
-    r: Retriever, val: Sequence[Description], tiles: dict[str, Image.Image], meta: dict[str, Any]
-) -> dict:
+def validate(r: Retriever, val: Sequence[Description], gallery: Gallery) -> dict:
     """R@1/5/10 and L@100 of held-out descriptions against the whole gallery (the app's real task)."""
-    ids = list(tiles)
-    t = r.encode_tiles([tiles[i] for i in ids], batch_size=32, progress=False)  # (G, D)
+    ids = gallery.tile_ids
+    t = r.encode_tiles([gallery.images[i] for i in ids], batch_size=32, progress=False)  # (G, D)
     q = r.encode_queries([d.text for d in val], batch_size=64, progress=False)  # (Q, D)
     order = (q @ t.T).argsort(dim=1, descending=True, stable=True).numpy()  # (Q, G)
     position = {tile_id: i for i, tile_id in enumerate(ids)}
-    truth = np.array([position[d.tile_id] for d in val])
-    first = (order == truth[:, None]).argmax(1)
-    top_lat, top_lon = meta["lat"][order[:, 0]], meta["lon"][order[:, 0]]
+    relevant = np.zeros(order.shape, dtype=bool)  # (Q, G): each description's own tile
+    relevant[np.arange(len(val)), [position[d.tile_id] for d in val]] = True
+    first = first_relevant(order, relevant)  # (Q,)
+    top_lat, top_lon = gallery.meta["lat"][order[:, 0]], gallery.meta["lon"][order[:, 0]]
     dist_m = 1000.0 * haversine_km([d.lat for d in val], [d.lon for d in val], top_lat, top_lon)
-    return {**{f"r{k}": float((first < k).mean()) for k in (1, 5, 10)}, "l100": float((dist_m <= 100).mean())}
+    return {**{f"r{k}": recall_at_k(first, k) for k in (1, 5, 10)}, "l100": float((dist_m <= 100).mean())}
 
 
 def _schedule(optimizer: torch.optim.Optimizer, base_lrs: list[float], step: int, progress: float) -> None:
-    """Warmup over 30 steps, then cosine decay over the stage's time budget."""
+    """Warmup over 30 steps times a cosine decay over the stage's time budget (progress = elapsed / budget).
+
+    Not retriever.train.lr_lambda: that one is step-based and decays only after the warmup, while a stage here
+    ends on a clock, and its warmup and decay overlap.
+    """
     warm = min(1.0, (step + 1) / 30)
     for group, lr in zip(optimizer.param_groups, base_lrs):
         group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -128,7 +179,7 @@ def _schedule(optimizer: torch.optim.Optimizer, base_lrs: list[float], step: int
 class Stage:
     """A time-boxed optimisation loop with a progress bar and a JSONL log."""
 
-    def __init__(self, name: str, minutes: float, max_steps: int, log: Any) -> None:
+    def __init__(self, name: str, minutes: float, max_steps: int, log: IO[str]) -> None:
         self.name, self.budget_s, self.max_steps, self.log = name, minutes * 60, max_steps, log
         self.start = time.perf_counter()
         self.step = 0
@@ -148,24 +199,174 @@ class Stage:
         self.step += 1
         self.bar.update(1)
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if isinstance(v, float)})
+        elapsed = time.perf_counter() - self.start
         self.log.write(
-            json.dumps(
-                {
-                    "stage": self.name,
-                    "step": self.step,
-                    **values,
-                    "elapsed_s": time.perf_counter() - self.start,
-                }
-            )
-            + "\n"
+            json.dumps({"stage": self.name, "step": self.step, **values, "elapsed_s": elapsed}) + "\n"
         )
         self.log.flush()
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _trainable(r: Retriever, marker: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in r.model.named_parameters() if p.requires_grad and marker in n]
+
+
+def stage_query_side(
+    r: Retriever,
+    query_path: CachedQueryPath,
+    states: list[torch.Tensor],
+    gallery: Gallery,
+    lora_params: list[torch.nn.Parameter],
+    args: argparse.Namespace,
+    log: IO[str],
+) -> tuple[torch.Tensor, float]:
+    """Stage 1: the query side (LoRA) against one free vector per tile, initialised from each tile's OSM context.
+
+    No pixels here, so a step costs only the adapted layers: thousands of steps fit in minutes. Returns the
+    learnt tile vectors, (G, D) unit rows, and the held-out R@1 of the descriptions against them.
+    """
+    target = torch.tensor([gallery.tile_ids.index(d.tile_id) for d in gallery.train])  # (N,) tile of each
+    temperature = LearnableTemperature(args.temperature, learnable=True)
+    with torch.no_grad():
+        context_states = query_path.cache([c[:400] for c in gallery.contexts])
+        tile_vectors = torch.nn.Parameter(query_path.embed(context_states).float())  # (G, D)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": lora_params, "lr": args.lr_lora, "weight_decay": 0.0},
+            {"params": [tile_vectors], "lr": args.lr_tiles, "weight_decay": 0.0},
+            {"params": [temperature.log_value], "lr": 1e-3, "weight_decay": 0.0},
+        ]
+    )
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    stage = Stage("stage 1: query side", args.query_minutes, args.max_steps, log)
+    r.model.train()
+    while stage.running():
+        _schedule(optimizer, base_lrs, stage.step, stage.progress)
+        picks = random.sample(range(len(states)), min(args.query_batch, len(states)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q = query_path.embed([states[i] for i in picks])  # (B, D)
+        logits = q.float() @ torch.nn.functional.normalize(tile_vectors, dim=-1).T / temperature()  # (B, G)
+        loss = torch.nn.functional.cross_entropy(logits, target[picks])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora_params + [tile_vectors], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stage.record(loss=loss.item(), tau=temperature().item())
+    teacher = torch.nn.functional.normalize(tile_vectors.detach(), dim=-1)  # (G, D)
+    with torch.no_grad():
+        q_val = query_path.embed(query_path.cache([d.text for d in gallery.val]))  # (Q, D)
+    truth = torch.tensor([gallery.tile_ids.index(d.tile_id) for d in gallery.val])  # (Q,)
+    free_r1 = float(((q_val @ teacher.T).argmax(1) == truth).float().mean())
+    print(
+        f"stage 1 done after {stage.step} steps: held-out R@1 against the free tile vectors = {free_r1:.3f}"
+    )
+    return teacher, free_r1
+
+
+def _keep_if_better(
+    r: Retriever, out: Path, metrics: dict[str, float], step: int, best: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Save the adapter when validation R@1 improves; half precision, since it is committed."""
+    if metrics["r1"] <= best["r1"]:
+        return best
+    best = {**metrics, "step": step}
+    save_adapter(r, out, weights_dtype=torch.float16, extra={"val": best, **extra})
+    return best
+
+
+def stage_vision(
+    r: Retriever,
+    gallery: Gallery,
+    teacher: torch.Tensor,
+    vision_params: list[torch.nn.Parameter],
+    args: argparse.Namespace,
+    log: IO[str],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Stage 2: pixels -> the tile vectors `teacher` (G, D), with the LoRA frozen so the query side stays put.
+
+    Validates every `--eval-every` steps and at the end, saving the adapter (with `extra` in its training info)
+    whenever R@1 improves. Returns {"best": ..., "final": ...}.
+    """
+    optimizer = torch.optim.AdamW([{"params": vision_params, "lr": args.lr_vision, "weight_decay": 0.01}])
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    stage = Stage("stage 2: vision tower", args.vision_minutes, args.max_steps, log)
+    best: dict[str, Any] = {"r1": -1.0}
+    ids = gallery.tile_ids
+    while stage.running():
+        _schedule(optimizer, base_lrs, stage.step, stage.progress)
+        chosen = random.sample(range(len(ids)), min(args.tile_batch, len(ids)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            t = r.embed(r.process_tiles([gallery.images[ids[i]] for i in chosen]))  # (B, D)
+        t = t.float()
+        logits = t @ teacher.T / 0.05  # (B, G): each tile must land on its own vector, not a neighbour's
+        loss = (
+            torch.nn.functional.cross_entropy(logits, torch.tensor(chosen))
+            + (1 - (t * teacher[chosen]).sum(1)).mean()
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vision_params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stage.record(loss=loss.item())
+        if stage.step % args.eval_every == 0:
+            metrics = validate(r, gallery.val, gallery)
+            print(f"stage 2 step {stage.step}: {metrics}")
+            log.write(json.dumps({"stage": "stage 2 eval", "step": stage.step, "val": metrics}) + "\n")
+            best = _keep_if_better(r, args.out, metrics, stage.step, best, extra)
+    final = validate(r, gallery.val, gallery)
+    best = _keep_if_better(r, args.out, final, stage.step, best, extra)
+    return {"best": best, "final": final}
+
+
+def _check_cached_path(r: Retriever, query_path: CachedQueryPath, texts: Sequence[str]) -> None:
+    """The fast path must agree with the ordinary encoder, or training optimises the wrong thing."""
+    with torch.no_grad():
+        gap = (query_path.embed(query_path.cache(texts)) - r.encode_queries(texts)).abs().max().item()
+    print(f"cached-path check: max |diff| = {gap:.2e} over {len(texts)} descriptions")
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Both stages from parsed flags; returns the summary it prints."""
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    gallery = load_gallery(args.gallery, args.val_limit, args.seed)
+
+    r = load_retriever(DEMO_MODEL_ID, device="cpu")
+    stop = r.config.pool_layer
+    if not 0 < args.lora_layers < stop:
+        raise ValueError(f"--lora-layers must lie in 1..{stop - 1} (the model pools after layer {stop})")
+    start = stop - args.lora_layers
+    add_adapter(
+        r,
+        "lora",
+        rank=args.rank,
+        alpha=2 * args.rank,
+        dropout=0.0,
+        targets=lora_targets(r.family.language_model_attr, start, stop),
+        modules_to_save=TRAINED_MODULES,
+    )
+    query_path = CachedQueryPath(r, start)
+    states = query_path.cache([d.text for d in gallery.train])
+    _check_cached_path(r, query_path, [d.text for d in gallery.train[:4]])
+    log_path = args.log or args.out.parent / "train_log.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log:
+        lora_params, vision_params = _trainable(r, "lora_"), _trainable(r, "modules_to_save")
+        teacher, free_r1 = stage_query_side(r, query_path, states, gallery, lora_params, args, log)
+        for param in lora_params:
+            param.requires_grad_(False)
+        extra = {"trained_from": DEMO_MODEL_ID, "free_r1": free_r1}
+        result = stage_vision(r, gallery, teacher, vision_params, args, log, extra)
+    summary = {"stage1_free_vector_r1": free_r1, **result}
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m demo.train_demo", description=__doc__)
-    p.add_argument("--gallery", type=Path, default=Path("assets/demo/gallery"))
-    p.add_argument("--out", type=Path, default=Path("assets/demo/adapter"))
+    p.add_argument("--gallery", type=Path, default=GALLERY, help="built gallery folder (default %(default)s)")
+    p.add_argument("--out", type=Path, default=ADAPTER, help="adapter folder to write (default %(default)s)")
     p.add_argument("--log", type=Path, default=None, help="JSONL log (default: OUT/../train_log.jsonl)")
     p.add_argument(
         "--query-minutes", type=float, default=12.0, help="stage 1: query LoRA + free tile vectors"
@@ -186,135 +387,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--val-limit", type=int, default=539, help="validation descriptions used during training")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    return p
 
-    import geopandas as gpd
 
-    meta_df = gpd.read_parquet(args.gallery / "tiles.parquet")
-    tile_ids = [str(t) for t in meta_df["tile_id"]]
-    tiles = {
-        t: Image.open(args.gallery / path).convert("RGB") for t, path in zip(tile_ids, meta_df["image_path"])
-    }
-    meta = {"lat": meta_df["lat"].to_numpy(), "lon": meta_df["lon"].to_numpy()}
-    train = [d for d in read_descriptions(args.gallery / "descriptions_train.jsonl") if d.tile_id in tiles]
-    val = [d for d in read_descriptions(args.gallery / "descriptions_val.jsonl") if d.tile_id in tiles]
-    val = random.Random(args.seed).sample(val, min(args.val_limit, len(val)))
-    target = torch.tensor([tile_ids.index(d.tile_id) for d in train])  # (N,) tile of each description
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse `argv` and train; returns the summary (for tests and notebooks)."""
+    return train(build_parser().parse_args(argv))
 
-    r = load_retriever(DEMO_MODEL_ID, device="cpu")
-    stop = r.config.pool_layer
-    start = stop - args.lora_layers
-    add_adapter(
-        r,
-        "lora",
-        rank=args.rank,
-        alpha=2 * args.rank,
-        dropout=0.0,
-        targets=lora_targets(start, stop),
-        modules_to_save=TRAINED_MODULES,
-    )
-    query_path = CachedQueryPath(r, start)
-    states = query_path.cache([d.text for d in train])
-    with (
-        torch.no_grad()
-    ):  # the fast path must agree with the ordinary encoder, or training optimises the wrong thing
-        check = [d.text for d in train[:4]]
-        gap = (query_path.embed(query_path.cache(check)) - r.encode_queries(check)).abs().max().item()
-    print(f"cached-path check: max |diff| = {gap:.2e} over 4 descriptions")
-    log_path = args.log or args.out.parent / "train_log.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("a")
-    lora_params = [p for n, p in r.model.named_parameters() if p.requires_grad and "lora_" in n]
-    vision_params = [p for n, p in r.model.named_parameters() if p.requires_grad and "modules_to_save" in n]
-    temperature = LearnableTemperature(args.temperature, learnable=True)
 
-    # Stage 1: the query side (LoRA) against one free vector per tile, initialised from each tile's OSM context.
-    # No pixels here, so a step costs only the adapted layers: thousands of steps fit in minutes.
-    with torch.no_grad():
-        context_states = query_path.cache([str(f)[:400] for f in meta_df["features"]])
-        tile_vectors = torch.nn.Parameter(query_path.embed(context_states).float())  # (G, D)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": lora_params, "lr": args.lr_lora, "weight_decay": 0.0},
-            {"params": [tile_vectors], "lr": args.lr_tiles, "weight_decay": 0.0},
-            {"params": [temperature.log_value], "lr": 1e-3, "weight_decay": 0.0},
-        ]
-    )
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    stage = Stage("stage 1: query side", args.query_minutes, args.max_steps, log)
-    r.model.train()
-    while stage.running():
-        _schedule(optimizer, base_lrs, stage.step, stage.progress)
-        picks = random.sample(range(len(train)), min(args.query_batch, len(train)))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            q = query_path.embed([states[i] for i in picks])  # (B, D)
-        logits = q.float() @ torch.nn.functional.normalize(tile_vectors, dim=-1).T / temperature()  # (B, G)
-        loss = torch.nn.functional.cross_entropy(logits, target[picks])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora_params + [tile_vectors], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stage.record(loss=loss.item(), tau=temperature().item())
-    teacher = torch.nn.functional.normalize(tile_vectors.detach(), dim=-1)  # (G, D)
-    with torch.no_grad():
-        q_val = query_path.embed(query_path.cache([d.text for d in val]))
-    free_r1 = float(
-        ((q_val @ teacher.T).argmax(1) == torch.tensor([tile_ids.index(d.tile_id) for d in val]))
-        .float()
-        .mean()
-    )
-    print(
-        f"stage 1 done after {stage.step} steps: held-out R@1 against the free tile vectors = {free_r1:.3f}"
-    )
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m demo.train_demo`: 0 when trained; a user mistake prints `error: ...` and returns 2."""
 
-    # Stage 2: pixels -> the tile vectors. The LoRA is frozen so the query side stays where stage 1 put it.
-    for param in lora_params:
-        param.requires_grad_(False)
-    optimizer = torch.optim.AdamW([{"params": vision_params, "lr": args.lr_vision, "weight_decay": 0.01}])
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    stage = Stage("stage 2: vision tower", args.vision_minutes, args.max_steps, log)
-    best: dict[str, Any] = {"r1": -1.0}
+    def job(args: Sequence[str] | None) -> int:
+        run(args)
+        return 0
 
-    def keep_if_better(metrics: dict[str, float], step: int, best: dict[str, Any]) -> dict[str, Any]:
-        """Save the adapter when validation R@1 improves; half precision, since it is committed."""
-        if metrics["r1"] <= best["r1"]:
-            return best
-        best = {**metrics, "step": step}
-        extra = {"val": best, "trained_from": DEMO_MODEL_ID, "free_r1": free_r1}
-        save_adapter(r, args.out, weights_dtype=torch.float16, extra=extra)
-        return best
-
-    while stage.running():
-        _schedule(optimizer, base_lrs, stage.step, stage.progress)
-        chosen = random.sample(range(len(tile_ids)), min(args.tile_batch, len(tile_ids)))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            t = r.embed(r.process_tiles([tiles[tile_ids[i]] for i in chosen]))  # (B, D)
-        t = t.float()
-        logits = t @ teacher.T / 0.05  # (B, G): each tile must land on its own vector, not a neighbour's
-        loss = (
-            torch.nn.functional.cross_entropy(logits, torch.tensor(chosen))
-            + (1 - (t * teacher[chosen]).sum(1)).mean()
-        )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vision_params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stage.record(loss=loss.item())
-        if stage.step % args.eval_every == 0:
-            metrics = validate(r, val, tiles, meta)
-            print(f"stage 2 step {stage.step}: {metrics}")
-            log.write(json.dumps({"stage": "stage 2 eval", "step": stage.step, "val": metrics}) + "\n")
-            best = keep_if_better(metrics, stage.step, best)
-    final = validate(r, val, tiles, meta)
-    best = keep_if_better(final, stage.step, best)
-    summary = {"stage1_free_vector_r1": free_r1, "best": best, "final": final}
-    print(json.dumps(summary, indent=2))
-    log.close()
-    return summary
+    return run_cli(job, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

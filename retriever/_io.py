@@ -137,3 +137,15 @@ def lazy_import(module: str, pip: str, purpose: str = "") -> ModuleType:
     except ImportError as exc:
         what = f"{purpose} needs {module}" if purpose else f"{module} is not installed"
         raise MissingDependencyError(f"{what}: pip install {pip}") from exc
+
+
+# --- devices ---------------------------------------------------------------------------------------------
+
+
+def pick_device(device: Any = None) -> Any:
+    """The requested torch device, or CUDA when present, else CPU (the one default-device rule)."""
+    import torch  # lazy: writing files must not need torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -252,6 +252,8 @@ CVG_ANNOTATIONS = (
     "{subset}/{split}.json",
 )
 CVG_SUBSETS = ("{city}", "{city}-photos")  # panoramas, single views: together the official "-mixed"
+# The official `--version` suffix -> the subsets it reads; a bare city name is its panoramas only.
+CVG_VERSION_SUFFIXES: dict[str, tuple[str, ...]] = {"-mixed": CVG_SUBSETS, "-photos": ("{city}-photos",)}
 CVG_CELL_M = 500.0  # validation split: locations in one cell never straddle train and val
 
 
@@ -267,64 +269,102 @@ def cvg_is_panorama(filename: str) -> bool:
     return len(Path(filename).name.split("_")) > 2
 
 
+def cvg_version(version: str) -> tuple[str, tuple[str, ...]]:
+    """An official CVG-Text `--version` -> (city, subset patterns).
+
+    "NewYork" is the panorama set alone, "NewYork-photos" the single views alone (gallery and
+    queries of one view type), "NewYork-mixed" both in one gallery.
+    """
+    city, subsets = version, ("{city}",)
+    for suffix, patterns in CVG_VERSION_SUFFIXES.items():
+        if version.endswith(suffix):
+            city, subsets = version[: -len(suffix)], patterns
+    if not city:
+        raise DataFormatError(
+            f"CVG-Text version {version!r} names no city; use e.g. NewYork, NewYork-photos or NewYork-mixed"
+        )
+    return city, subsets
+
+
+def _find_cvg_subsets(
+    data: Path, city: str, view: str, split: str, subsets: Sequence[str], require_all: bool
+) -> list[tuple[Path, Path]]:
+    """(annotation JSON, image folder) of every subset found; all of them when require_all."""
+    found: list[tuple[Path, Path]] = []
+    tried: list[Path] = []
+    absent: list[str] = []
+    for pattern in subsets:
+        subset = pattern.format(city=city)
+        candidates = [data / p.format(subset=subset, split=split) for p in CVG_ANNOTATIONS]
+        tried.extend(candidates)
+        ann = next((c for c in candidates if c.is_file()), None)
+        if ann is None:
+            absent.append(subset)
+        else:
+            found.append((ann, data / f"{subset}-{CVG_VIEWS[view]}"))
+    if not found or (require_all and absent):
+        raise DataFormatError(
+            f"No CVG-Text annotation for city {city!r} (subset {', '.join(absent)}), split {split!r}. "
+            f"Tried:{_listing(tried)}"
+        )
+    return found
+
+
+def _read_cvg_subset(ann: Path, folder: Path, view: str, check_images: bool) -> tuple[list[str], list[Path]]:
+    """The captions and image paths of one subset's {image_filename: caption} JSON."""
+    mapping = _load_json(ann)
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise DataFormatError(f"{ann} should be a JSON object {{image_filename: caption}}")
+    if not folder.is_dir():
+        raise DataFormatError(
+            f"Image folder {folder} (for {ann}) does not exist. Expected `{{subset}}-{CVG_VIEWS[view]}` next "
+            f"to the annotations; is --view {view} right?"
+        )
+    unnamed = [name for name in mapping if cvg_latlon(name) is None]
+    if unnamed:
+        raise DataFormatError(
+            f"{len(unnamed)} file names in {ann} do not start with 'lat,lon':{_listing(unnamed)}"
+        )
+    paths = [folder / name for name in mapping]
+    missing = [p.name for p in paths if not p.is_file()] if check_images else []
+    if missing:
+        raise DataFormatError(
+            f"{ann} and {folder} do not match: {len(missing)} of {len(paths)} images in the JSON are not in "
+            f"the folder:{_listing(missing)}"
+        )
+    return list(mapping.values()), paths
+
+
 def read_cvgtext(
     data: str | Path,
     city: str = "NewYork",
     view: str = "satellite",
     split: str = "test",
     *,
+    version: str | None = None,
     subsets: Sequence[str] = CVG_SUBSETS,
     cell_m: float = CVG_CELL_M,
     check_images: bool = True,
 ) -> PairSet:
     """CVG-Text: per split a JSON {image_filename: caption}, images in `{subset}-satellite` / `{subset}-OSM`.
 
-    Every subset pattern that exists for the city is read (by default the panorama set `{city}`
-    and the single-view set `{city}-photos`, which the official code evaluates together as
-    "-mixed"). Text i describes image i; the gallery is all images of the split.
+    Without `version`, every subset pattern that exists for the city is read (by default the
+    panorama set `{city}` and the single-view set `{city}-photos`, which the official code
+    evaluates together as "-mixed"). `version` is the official name instead ("Tokyo-photos",
+    "NewYork", "NewYork-mixed", see `cvg_version`): it overrides city and subsets, and every
+    subset it names must exist. Text i describes image i; the gallery is all images read.
     """
     data = Path(data)
     if view not in CVG_VIEWS:
         raise DataFormatError(f"view must be one of {sorted(CVG_VIEWS)}, not {view!r}")
-    found: list[tuple[Path, Path]] = []
-    tried: list[Path] = []
-    for pattern in subsets:
-        subset = pattern.format(city=city)
-        candidates = [data / p.format(subset=subset, split=split) for p in CVG_ANNOTATIONS]
-        tried.extend(candidates)
-        ann = next((c for c in candidates if c.is_file()), None)
-        if ann is not None:
-            found.append((ann, data / f"{subset}-{CVG_VIEWS[view]}"))
-    if not found:
-        raise DataFormatError(
-            f"No CVG-Text annotation for city {city!r}, split {split!r}. Tried:{_listing(tried)}"
-        )
-
+    if version is not None:
+        city, subsets = cvg_version(version)
+    found = _find_cvg_subsets(data, city, view, split, subsets, require_all=version is not None)
     texts: list[str] = []
     images: list[Path] = []
     for ann, folder in found:
-        mapping = _load_json(ann)
-        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
-            raise DataFormatError(f"{ann} should be a JSON object {{image_filename: caption}}")
-        if not folder.is_dir():
-            raise DataFormatError(
-                f"Image folder {folder} (for {ann}) does not exist. Expected `{{subset}}-{CVG_VIEWS[view]}` next "
-                f"to the annotations; is --view {view} right?"
-            )
-        unnamed = [name for name in mapping if cvg_latlon(name) is None]
-        if unnamed:
-            raise DataFormatError(
-                f"{len(unnamed)} file names in {ann} do not start with 'lat,lon':{_listing(unnamed)}"
-            )
-        paths = [folder / name for name in mapping]
-        if check_images:
-            missing = [p.name for p in paths if not p.is_file()]
-            if missing:
-                raise DataFormatError(
-                    f"{ann} and {folder} do not match: {len(missing)} of {len(paths)} images in the JSON are not in "
-                    f"the folder:{_listing(missing)}"
-                )
-        texts.extend(mapping.values())
+        captions, paths = _read_cvg_subset(ann, folder, view, check_images)
+        texts.extend(captions)
         images.extend(paths)
     names = [p.name for p in images]
     if len(set(names)) != len(names):
@@ -334,7 +374,7 @@ def read_cvgtext(
     latlon = np.array([cvg_latlon(n) for n in names], dtype=np.float64).reshape(-1, 2)  # (N, 2)
     group, group_names = location_cells(latlon, cell_m)
     return PairSet(
-        name=f"cvgtext/{city}/{view}/{split}",
+        name=f"cvgtext/{version or city}/{view}/{split}",
         texts=texts,
         images=images,
         text_image=np.arange(len(texts), dtype=np.int64),
@@ -354,53 +394,75 @@ def read_cvgtext(
 # ---------------------------------------------------------------------------------------------
 
 
-def read_jsonl(
-    data: str | Path, *, image_root: str | Path | None = None, check_images: bool = True
-) -> PairSet:
-    """One JSON object per line: {"text", "image", "lat"?, "lon"?, "group"?}; images relative to the file.
+class _JsonlRow(NamedTuple):
+    line: int
+    text: str
+    image: str
+    group: str
+    latlon: tuple[float, float] | None
 
-    Images repeat freely (several texts per image); lat/lon go with the image and must agree
-    wherever it repeats. `group` (default: the image) keeps related pairs on one side of a
-    validation split.
-    """
-    path = Path(data)
-    if not path.is_file():
-        raise DataFormatError(f"JSONL file not found: {path}")
-    root = Path(image_root) if image_root else path.parent
-    texts: list[str] = []
-    text_image: list[int] = []
-    image_of: dict[Path, int] = {}
-    coords: list[tuple[float, float] | None] = []
-    groups: list[str] = []
-    problems: list[str] = []
+
+def _jsonl_rows(path: Path) -> tuple[list[_JsonlRow], list[tuple[int, str]]]:
+    """Every well-formed line as a row, and (line number, problem) for every malformed one."""
+    rows: list[_JsonlRow] = []
+    problems: list[tuple[int, str]] = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            problems.append(f"line {line_no}: not JSON ({err.msg})")
+            problems.append((line_no, f"not JSON ({err.msg})"))
             continue
         if (
             not isinstance(row, dict)
             or not isinstance(row.get("text"), str)
             or not isinstance(row.get("image"), str)
         ):
-            problems.append(f"line {line_no}: needs string fields 'text' and 'image'")
+            problems.append((line_no, "needs string fields 'text' and 'image'"))
             continue
-        has_ll = "lat" in row and "lon" in row
-        latlon = (float(row["lat"]), float(row["lon"])) if has_ll else None
-        image = root / row["image"]
+        try:
+            latlon = (float(row["lat"]), float(row["lon"])) if "lat" in row and "lon" in row else None
+        except (TypeError, ValueError):
+            problems.append((line_no, "lat and lon must be numbers"))
+            continue
+        group = str(row.get("group", row.get("tile_id", row["image"])))
+        rows.append(_JsonlRow(line_no, row["text"], row["image"], group, latlon))
+    return rows, problems
+
+
+def read_jsonl(
+    data: str | Path, *, image_root: str | Path | None = None, check_images: bool = True
+) -> PairSet:
+    """One JSON object per line: {"text", "image", "lat"?, "lon"?, "group"?}; images relative to the file.
+
+    Images repeat freely (several texts per image); lat/lon go with the image and must agree
+    wherever it repeats. `group` (else `tile_id`, else the image) keeps related pairs on one
+    side of a validation split.
+    """
+    path = Path(data)
+    if not path.is_file():
+        raise DataFormatError(f"JSONL file not found: {path}")
+    root = Path(image_root) if image_root else path.parent
+    rows, problems = _jsonl_rows(path)
+    texts: list[str] = []
+    text_image: list[int] = []
+    image_of: dict[Path, int] = {}
+    coords: list[tuple[float, float] | None] = []
+    groups: list[str] = []
+    for row in rows:
+        image = root / row.image
         if image not in image_of:
             image_of[image] = len(image_of)
-            coords.append(latlon)
-            groups.append(str(row.get("group", row["image"])))
-        elif coords[image_of[image]] != latlon:
-            problems.append(f"line {line_no}: {row['image']} repeats with a different lat/lon")
-        texts.append(row["text"])
+            coords.append(row.latlon)
+            groups.append(row.group)
+        elif coords[image_of[image]] != row.latlon:
+            problems.append((row.line, f"{row.image} repeats with a different lat/lon"))
+        texts.append(row.text)
         text_image.append(image_of[image])
     if problems:
-        raise DataFormatError(f"{len(problems)} problems in {path}:{_listing(problems)}")
+        listed = [f"line {line}: {problem}" for line, problem in sorted(problems)]
+        raise DataFormatError(f"{len(problems)} problems in {path}:{_listing(listed)}")
     if not texts:
         raise DataFormatError(f"{path} holds no pairs")
     images = list(image_of)
@@ -497,6 +559,7 @@ __all__ = [
     "carve_validation",
     "cvg_is_panorama",
     "cvg_latlon",
+    "cvg_version",
     "geotext_building",
     "location_cells",
     "official_geotext_labels",

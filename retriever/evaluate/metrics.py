@@ -179,6 +179,11 @@ def apply_rerank(
     return TopK(ranked.scores, indices)
 
 
+def _first_true(hits: np.ndarray) -> np.ndarray:
+    """0-based column of the first True in each row of hits (R, n); n for a row without one."""
+    return np.where(hits.any(1), hits.argmax(1), hits.shape[1])
+
+
 def first_relevant(order: ArrayLike, relevant: ArrayLike) -> np.ndarray:
     """0-based position of the first relevant column in each row of `order` (Q, n); n when there is none.
 
@@ -187,8 +192,7 @@ def first_relevant(order: ArrayLike, relevant: ArrayLike) -> np.ndarray:
     """
     order = np.asarray(order)
     relevant = np.asarray(relevant, dtype=bool)
-    hits = np.take_along_axis(relevant, order, axis=1)  # (Q, n)
-    return np.where(hits.any(1), hits.argmax(1), order.shape[1])
+    return _first_true(np.take_along_axis(relevant, order, axis=1))  # (Q, n) -> (Q,)
 
 
 def recall_at_k(first: ArrayLike, k: int) -> float:
@@ -200,7 +204,7 @@ def recall_at_k(first: ArrayLike, k: int) -> float:
 def first_hit_rank(ranked: torch.Tensor, query_label: ArrayLike, gallery_label: ArrayLike) -> np.ndarray:
     """0-based position of the first relevant item in each row of ranked (R, k); k when none is relevant."""
     hits = np.asarray(gallery_label)[np.asarray(ranked)] == np.asarray(query_label)[:, None]  # (R, k)
-    return np.where(hits.any(1), hits.argmax(1), hits.shape[1])
+    return _first_true(hits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,105 +448,6 @@ def cvg_metrics(
     }
 
 
-def cvg_metrics_reference(
-    text_emb: ArrayLike,
-    image_emb: ArrayLike,
-    text_image: Sequence[int],
-    text_latlon: Sequence[Sequence[float]],
-    image_latlon: Sequence[Sequence[float]],
-    *,
-    subsets: Mapping[str, Sequence[bool]] | None = None,
-    gallery_size: int | None = CVG_GALLERY_SIZE,
-    ks: Sequence[int] = CVG_KS,
-    radii_m: Sequence[int] = CVG_RADII_M,
-    rerank_fn: RerankFn | None = None,
-    rerank_depth: int = 5,
-) -> dict[str, dict]:
-    """A literal per-query loop of the official CVG-Text `cal_score`, kept as the ground truth for tests."""
-    sims = (_as_float_tensor(text_emb) @ _as_float_tensor(image_emb).T).numpy()  # (T, N)
-    n_images = sims.shape[1]
-    m = gallery_size or n_images
-    masks = {"overall": [True] * len(text_image), **(subsets or {})}
-    totals = {
-        name: {"count": 0, "dev": 0.0, "R": dict.fromkeys(ks, 0), "L": dict.fromkeys(radii_m, 0)}
-        for name in masks
-    }
-    for i, true_j in enumerate(text_image):
-        lat, lon = float(text_latlon[i][0]), float(text_latlon[i][1])
-        distances = [
-            (haversine_km(lat, lon, float(image_latlon[j][0]), float(image_latlon[j][1])), j)
-            for j in range(n_images)
-        ]
-        distances.sort(key=lambda x: x[0])
-        closest = [j for _, j in distances[:m]]
-        sim = sims[i, closest]
-        order = np.argsort(-sim, kind="stable")
-        matches = [closest[p] for p in order]
-        if rerank_fn is not None:
-            depth = min(rerank_depth, len(matches))
-            head = rerank_fn(i, np.array(matches[:depth]), sim[order[:depth]].copy())
-            matches = [int(j) for j in head] + matches[depth:]
-        if matches[0] == true_j:
-            deviation = 0.0
-        else:
-            deviation = float(
-                haversine_km(lat, lon, float(image_latlon[matches[0]][0]), float(image_latlon[matches[0]][1]))
-            )
-        for name, mask in masks.items():
-            if not mask[i]:
-                continue
-            acc = totals[name]
-            acc["count"] += 1
-            acc["dev"] += deviation
-            for k in ks:
-                acc["R"][k] += int(true_j in matches[:k])
-            for r in radii_m:
-                acc["L"][r] += int(deviation <= r / 1000)
-    out: dict[str, dict] = {}
-    for name, acc in totals.items():
-        count = acc["count"]
-        if count == 0:
-            out[name] = {
-                "count": 0,
-                **{f"R@{k}": None for k in ks},
-                **{f"L@{r}": None for r in radii_m},
-                "deviation_km": None,
-            }
-            continue
-        out[name] = {f"R@{k}": (acc["R"][k] / count) * 100 for k in ks}
-        out[name].update({f"L@{r}": (acc["L"][r] / count) * 100 for r in radii_m})
-        out[name]["deviation_km"] = acc["dev"] / count
-        out[name]["count"] = count
-    return out
-
-
-def geotext_metrics_reference(
-    scores: np.ndarray,
-    text_image: Sequence[int],
-    image_label: Sequence[int],
-    ks: Sequence[int] = GEOTEXT_KS,
-    *,
-    rerank_fn: RerankFn | None = None,
-    rerank_depth: int = 5,
-) -> dict[str, float]:
-    """A literal transcription of the official `itm_eval` on a full (T, I) score matrix, stable sort."""
-    scores_t2i, scores_i2t = np.asarray(scores), np.asarray(scores).T
-    t2i_ranks = np.zeros(scores_t2i.shape[0])
-    for index, score in enumerate(scores_t2i):
-        inds = np.argsort(score, kind="stable")[::-1]
-        if rerank_fn is not None:
-            head = np.asarray(rerank_fn(index, inds[:rerank_depth].copy(), score[inds[:rerank_depth]].copy()))
-            inds = np.concatenate([head, inds[rerank_depth:]])
-        buildings = np.array([image_label[j] for j in inds])
-        t2i_ranks[index] = np.where(buildings == image_label[text_image[index]])[0][0]
-    i2t_ranks = np.zeros(scores_i2t.shape[0])
-    for index, score in enumerate(scores_i2t):
-        inds = np.argsort(score, kind="stable")[::-1]
-        buildings = np.array([image_label[text_image[j]] for j in inds])
-        i2t_ranks[index] = np.where(buildings == image_label[index])[0][0]
-    return geotext_summary(t2i_ranks, i2t_ranks, ks)
-
-
 __all__ = [
     "EARTH_RADIUS_KM",
     "OFFICIAL_GEOTEXT_KEYS",
@@ -550,15 +455,15 @@ __all__ = [
     "TopK",
     "apply_rerank",
     "cvg_metrics",
-    "cvg_metrics_reference",
     "default_chunk_rows",
     "first_hit_rank",
+    "first_relevant",
     "geotext_metrics",
-    "geotext_metrics_reference",
     "geotext_summary",
     "haversine_km",
     "nearest_by_haversine",
     "official_geotext_keys",
+    "recall_at_k",
     "recall_percent",
     "stream_topk",
     "topk_ordered",

@@ -5,11 +5,18 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from shapely.geometry.base import BaseGeometry
+
+if TYPE_CHECKING:  # tile_index builds ContextMatchers: importing it here at run time would be a cycle
+    from retriever.index.hits import Hit
+    from retriever.index.tile_index import QueryEncoder, TileIndex
 
 TOKEN = re.compile(r"[a-z0-9]+")
+CONTEXT_COLUMN = "features"  # the context column the demo gallery and the app fuse with (OSM names per tile)
 BLOCK_ROWS = 65536  # rows of the embedding table scored at a time
 # Function words and the scaffolding of a pedestrian's description: they name no place, so they only add noise.
 STOPWORDS = frozenset(
@@ -60,24 +67,17 @@ def fuse(similarity: np.ndarray, text_match: np.ndarray, weight: float) -> np.nd
 
 
 def hybrid_search(
-    index: Any,
-    retriever: Any,
+    index: TileIndex,
+    retriever: QueryEncoder,
     text: str,
     k: int,
     weight: float = 0.5,
-    column: str = "features",
-    within: Any = None,
-) -> list[Any]:
+    column: str = CONTEXT_COLUMN,
+    within: str | Path | BaseGeometry | np.ndarray | None = None,
+) -> list[Hit]:
     """Rank the whole index by fuse(MLLM similarity, BM25 over `column`); hits keep their MLLM similarity as score."""
-    if column not in index.tiles.columns:
-        raise ValueError(
-            f"The index has no context column {column!r}; columns: {', '.join(index.context_columns)}"
-        )
+    matcher = index.context_matcher(column)  # checks the column first: a clear error before any encoding
     index.check_retriever(retriever)
-    matcher = getattr(index, "_context_matcher", None)
-    if matcher is None or matcher.size != len(index):
-        matcher = ContextMatcher([str(c) for c in index.tiles[column]])
-        index._context_matcher = matcher  # built once per index: BM25 statistics do not change
     query = retriever.encode_queries([text])[0].numpy()  # (D,)
     similarity = np.concatenate(  # (N,), in row blocks: never a float32 copy of a large table
         [

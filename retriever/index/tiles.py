@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,9 +18,10 @@ from pyproj import CRS, Geod, Transformer
 from pyproj.exceptions import CRSError, ProjError
 from tqdm.auto import tqdm
 
+from retriever._io import atomic_path
 from retriever.errors import DataFormatError
 
-WGS84 = CRS.from_epsg(4326)
+WGS84 = CRS.from_epsg(4326)  # every footprint and area in the package is in this CRS
 GEOD = Geod(ellps="WGS84")
 CORE_COLUMNS = ["tile_id", "geometry", "lat", "lon", "image_path"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
@@ -342,9 +342,8 @@ def _to_rgb(data: np.ndarray, stretch: tuple[np.ndarray, np.ndarray] | None) -> 
 
 
 def _save_atomic(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
 
 
 def _load_geotiff(path: Path, opts: TileOptions) -> gpd.GeoDataFrame:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +9,8 @@ from typing import Any
 
 import torch
 
-from retriever.models.config import RetrievalConfig
+from retriever._io import replace_dir, write_json_atomic
+from retriever.models.config import TRAINING_INFO_FILE, RetrievalConfig
 from retriever.models.encoder import Retriever, file_hash
 
 # Adapter kinds differ only in peft options; QLoRA is LoRA/DoRA on a 4-bit base (chosen by quantization).
@@ -92,7 +92,7 @@ def save_adapter(
     extra: dict[str, Any] | None = None,
     weights_dtype: torch.dtype | None = None,
 ) -> Path:
-    """Save adapter weights + retrieval_config.json into `folder`, atomically (written aside, then renamed).
+    """Save adapter weights + retrieval_config.json into `folder`, atomically (written aside, then swapped in).
 
     weights_dtype stores the weights in that precision (e.g. float16 halves a committed adapter); loading
     casts them back to the model's dtype.
@@ -106,16 +106,7 @@ def save_adapter(
     config: RetrievalConfig = retriever.config
     config.save(staging)
     if extra:
-        from retriever._io import write_json_atomic
-
-        write_json_atomic(staging / "training_info.json", extra)
-    if folder.exists():
-        trash = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(trash, ignore_errors=True)
-        folder.rename(trash)
-        staging.rename(folder)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        staging.rename(folder)
+        write_json_atomic(staging / TRAINING_INFO_FILE, extra)
+    replace_dir(staging, folder)
     retriever.adapter_hash = file_hash(folder)
     return folder

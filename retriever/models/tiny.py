@@ -1,13 +1,20 @@
-"""Tiny random models of every supported family, built locally in seconds for tests and benchmarks."""
+"""Tiny random models of every family, built from its Family entry's TinyRecipe in seconds (tests, benchmarks)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from retriever.models.backbones import Family
+
+TinyParts = tuple[Any, Any, dict[str, Any]]  # (model config, image processor, processor_config.json extras)
 
 # Words the on-the-fly tokenizer learns, so captions about colours, shapes and places are real tokens.
 CORPUS_WORDS = [
@@ -116,36 +123,6 @@ CORPUS_WORDS = [
     "shows",
 ]
 
-SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
-    "qwen2_vl": (
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
-    ),
-    "idefics3": (
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<end_of_utterance>",
-        "<fake_token_around_image>",
-        "<image>",
-        "<global-img>",
-    ),
-    "internvl": (
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<img>",
-        "</img>",
-        "<IMG_CONTEXT>",
-        "<video>",
-    ),
-}
-SPECIAL_TOKENS["qwen2_5_vl"] = SPECIAL_TOKENS["qwen2_vl"]
-
 TEXT_DIMS: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -156,12 +133,12 @@ TEXT_DIMS: dict[str, Any] = {
 TINY_IMAGE_SIDE = 56
 
 
-def make_tokenizer(family: str, out_dir: Path, seed: int = 0):  # -> PreTrainedTokenizerFast
-    """Train a small byte-level BPE tokenizer on the fly, with the family's special tokens."""
+def make_tokenizer(special_tokens: Sequence[str], out_dir: Path, seed: int = 0) -> PreTrainedTokenizerFast:
+    """Train a small byte-level BPE tokenizer on the fly, with a family's special tokens (TinyRecipe)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = list(SPECIAL_TOKENS[family])
+    specials = list(special_tokens)
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -202,7 +179,10 @@ def _token_ids(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def _qwen2_vl(tokenizer: Any, vision_extra: dict[str, Any] | None = None, config_cls: str = "Qwen2VLConfig"):
+def qwen2_vl(
+    tokenizer: Any, vision_extra: dict[str, Any] | None = None, config_cls: str = "Qwen2VLConfig"
+) -> TinyParts:
+    """Qwen2-VL (and, with `vision_extra`, Qwen2.5-VL): 14-pixel patches merged 2x2."""
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -245,7 +225,8 @@ def _qwen2_vl(tokenizer: Any, vision_extra: dict[str, Any] | None = None, config
     return config, processor, {}
 
 
-def _qwen2_5_vl(tokenizer: Any):
+def qwen2_5_vl(tokenizer: Any) -> TinyParts:
+    """Qwen2.5-VL: the Qwen2-VL recipe with a windowed vision tower."""
     vision = {
         "out_hidden_size": TEXT_DIMS["hidden_size"],
         "hidden_size": 32,
@@ -254,10 +235,11 @@ def _qwen2_5_vl(tokenizer: Any):
         "fullatt_block_indexes": [1],
         "tokens_per_second": 2,
     }
-    return _qwen2_vl(tokenizer, vision_extra=vision, config_cls="Qwen2_5_VLConfig")
+    return qwen2_vl(tokenizer, vision_extra=vision, config_cls="Qwen2_5_VLConfig")
 
 
-def _idefics3(tokenizer: Any):
+def idefics3(tokenizer: Any) -> TinyParts:
+    """Idefics3 / SmolVLM: 64-pixel tiles, 16-pixel patches, pixel shuffle 2 -> 4 image tokens."""
     from transformers import Idefics3Config
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
@@ -284,7 +266,8 @@ def _idefics3(tokenizer: Any):
     return config, processor, {"image_seq_len": (side // patch) ** 2 // scale**2}
 
 
-def _internvl(tokenizer: Any):
+def internvl(tokenizer: Any) -> TinyParts:
+    """InternVL: 32-pixel tiles, 8-pixel patches, downsample 0.5 -> 4 image tokens."""
     from transformers import InternVLConfig
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
@@ -309,24 +292,18 @@ def _internvl(tokenizer: Any):
     return config, processor, {"image_seq_length": (side // patch) ** 2 // 4}
 
 
-# family -> builder(tokenizer) -> (config, image processor, processor_config extras)
-TINY_BUILDERS: dict[str, Callable[[Any], tuple[Any, Any, dict[str, Any]]]] = {
-    "qwen2_vl": _qwen2_vl,
-    "qwen2_5_vl": _qwen2_5_vl,
-    "idefics3": _idefics3,
-    "internvl": _internvl,
-}
+def make_tiny_model(family: str | Family, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a random tiny model of `family` (weights, tokenizer, processor configs) that load_retriever loads.
 
-
-def make_tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a random tiny model of `family` (weights, tokenizer, processor configs) that load_retriever loads."""
+    Everything family-specific comes from the Family entry: its TinyRecipe (special tokens and builder).
+    """
     from retriever.models.backbones import get_family
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = get_family(family)
-    tokenizer = make_tokenizer(family, out_dir, seed)
-    config, image_processor, processor_extras = TINY_BUILDERS[family](tokenizer)
+    spec = get_family(family) if isinstance(family, str) else family
+    tokenizer = make_tokenizer(spec.tiny.special_tokens, out_dir, seed)
+    config, image_processor, processor_extras = spec.tiny.resolve_builder()(tokenizer)
     torch.manual_seed(seed)
     model = spec.resolve_model_class()(config).eval()
     model.save_pretrained(out_dir)
