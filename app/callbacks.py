@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import html
 import io
@@ -25,6 +24,7 @@ from PIL import Image
 from app import maps
 from app.gpu import on_gpu
 from retriever.errors import EmptySelectionError, RetrieverError
+from retriever.explain.calibration import DEFAULT_TEMPERATURE, similarity_probs
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ MAX_K = 20
 DEFAULT_K = 5
 REASON_TOP = 3  # reasons are slow on a CPU: explain the best few only
 MAX_REASON_CHARS = 1200
-SIMILARITY_TEMPERATURE = 0.05
 STREAM_INTERVAL_S = 0.25  # how often streamed reason text is pushed to the page
 EXPORT_MAX_AGE_S = 3600
 AREA_PATTERN = re.compile(r"\s*-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?){2,3}\s*")
@@ -172,18 +171,6 @@ def md_text(value: object) -> str:
     return _MD_SPECIAL.sub(r"\\\1", html.escape(str(value), quote=False))
 
 
-def similarity_confidence(
-    scores: Sequence[float], temperature: float = SIMILARITY_TEMPERATURE
-) -> list[float]:
-    """Softmax of the top-K scores at a temperature: a relative confidence when no explainer is loaded."""
-    if not scores:
-        return []
-    top = max(scores)
-    weights = [math.exp((s - top) / temperature) for s in scores]
-    total = sum(weights)
-    return [w / total for w in weights]
-
-
 def caption(hit: Any) -> str:
     return f"#{int(hit.rank)} · {float(hit.score):.3f} · {float(hit.lat):.4f}, {float(hit.lon):.4f}"  # ~10 m
 
@@ -241,7 +228,7 @@ def explanations_md(state: SearchState, pending: Sequence[int] = ()) -> str:
     if state.confidence_source == "similarity" and not state.reasons and not pending:
         return (
             "Confidence is the softmax of the similarity scores over the results shown "
-            f"(temperature {SIMILARITY_TEMPERATURE}); no explanation model is loaded."
+            f"(temperature {DEFAULT_TEMPERATURE}); no explanation model is loaded."
         )
     lines = ["**Why these tiles**", ""]
     for hit, conf in zip(state.hits, state.confidences, strict=False):
@@ -289,13 +276,6 @@ def _prune(root: Path, max_age_s: float = EXPORT_MAX_AGE_S) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
         except OSError:
             continue
-
-
-def _csv_cell(value: Any) -> Any:
-    """Spreadsheets run cells that start with = + - @ as formulas; quote text cells that do."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
 
 
 def result_rows(state: SearchState) -> list[dict[str, Any]]:
@@ -347,11 +327,9 @@ def export_results(state: SearchState) -> list[str]:
     geojson_path = folder / "geotext-results.geojson"
     geojson_path.write_text(json.dumps(to_geojson(state), ensure_ascii=False, indent=1), encoding="utf-8")
     csv_path = folder / "geotext-results.csv"
-    rows = result_rows(state)
-    with csv_path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
+    from retriever.index.hits import write_csv  # the library's one CSV writer: formula-safe cells
+
+    write_csv(result_rows(state), csv_path)
     return [str(geojson_path), str(csv_path)]
 
 
@@ -397,7 +375,7 @@ def search(
     state = SearchState(
         query=text,
         hits=list(hits),
-        confidences=similarity_confidence([float(h.score) for h in hits]),
+        confidences=[float(p) for p in similarity_probs([float(h.score) for h in hits])],  # no explainer yet
         basemap=basemap,
     )
     try:

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retriever.models.demo_base import DEMO_MODEL_ID
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "assets" / "demo"
-DEMO_MODEL = "geotext/helsinki-smolvlm-base-v1"  # assembled locally from PyPI packages on first use
+DEMO_MODEL = DEMO_MODEL_ID  # assembled locally from PyPI packages on first use
 DEMO_ADAPTER = DEMO_DIR / "adapter"  # the vision tower, connector and LoRA we trained (a few MB)
 DEMO_INDEX = DEMO_DIR / "index"
 DEMO_EXAMPLES = DEMO_DIR / "examples.txt"  # one description a line, optional

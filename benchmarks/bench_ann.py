@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from retriever._io import library_versions
 from retriever.index import (
     EMBEDDINGS,
     FORMAT,
@@ -35,7 +36,6 @@ from retriever.index import (
     MANIFEST,
     TILES,
     TileIndex,
-    library_versions,
     optimize_index,
     recall_at_k,
     recall_queries,

@@ -11,7 +11,8 @@ import time
 import numpy as np
 import torch
 
-from retriever.evaluate.metrics import cvg_metrics, cvg_metrics_reference
+from retriever.evaluate.metrics import cvg_metrics
+from retriever.evaluate.reference import cvg_metrics_reference
 
 
 def official_haversine(lat1: float, lon1: float, lat2: float, lon2: float) -> float:

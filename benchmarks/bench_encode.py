@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from retriever import load_retriever
-from retriever.models.tiny import TINY_BUILDERS, make_tiny_model
+from retriever.models.backbones import FAMILIES
+from retriever.models.tiny import make_tiny_model
 
 TEXT = "a red-brick church on a corner, a small park opposite, a cafe called Ekberg across the street"
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'mid-layer early exit':>22}{'mid-layer full fwd':>20}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        for family in TINY_BUILDERS:
+        for family in FAMILIES:
             path = make_tiny_model(family, Path(tmp) / family)
             r = load_retriever(path)
             mid = load_retriever(path, pool_layer=1, pooling="mean")

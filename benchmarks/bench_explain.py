@@ -14,7 +14,8 @@ from PIL import Image
 
 from retriever import load_retriever
 from retriever.explain import Explainer
-from retriever.models.tiny import TINY_BUILDERS, make_tiny_model
+from retriever.models.backbones import FAMILIES
+from retriever.models.tiny import make_tiny_model
 
 QUERY = "a red-brick church on a corner, a small park opposite, a cafe called Ekberg across the street"
 CONTEXTS = [
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.model:
             bench(args.model.name[:14], args.model, hits, args)
             return
-        for family in TINY_BUILDERS:
+        for family in FAMILIES:
             bench(family, make_tiny_model(family, Path(tmp) / family), hits, args)
 
 

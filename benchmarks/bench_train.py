@@ -17,8 +17,8 @@ def one_run(model: str, batch: int, chunk: int, steps: int, out: str, data: str)
     import torch
 
     torch.set_num_threads(1)  # one thread: figures that survive a busy neighbour
-    from retriever.train.toy import make_toy_pairs
     from retriever.train import TrainConfig, Trainer
+    from retriever.train.toy import make_toy_pairs
 
     pairs = make_toy_pairs(data)
     pairs = (pairs * (batch // len(pairs) + 1))[: max(batch, len(pairs))]

@@ -66,38 +66,50 @@ def make_grid(bbox: Bbox, tile_size_m: float, stride_m: float) -> gpd.GeoDataFra
 
 def tile_context(
     tiles: gpd.GeoDataFrame, layers: Layers, margin_m: float = CONTEXT_MARGIN_M
-) -> tuple[list[str], list[list[str]]]:
-    """Per tile: the named features in and near it ("Name (kind); ...", nearest the centre first) and the
-    sorted feature categories inside it (tokens from CATEGORY_VOCAB)."""
+) -> tuple[list[str], list[str], list[list[str]]]:
+    """Per tile: the named features in and near it ("Name (kind); ...", nearest the centre first), the same
+    with each feature's preset words and looks (the BM25 context), and the sorted feature categories inside
+    it (tokens from CATEGORY_VOCAB)."""
     feats = named_features(layers)
     feat_tree = shapely.STRtree(feats.geometry.values)
     cats = layer_categories(layers)
     cat_tree = shapely.STRtree(cats.geometry.values)
-    texts, categories = [], []
+    texts, contexts, categories = [], [], []
     for footprint in tiles.geometry:
         centre = footprint.centroid
         idx = feat_tree.query(footprint.buffer(margin_m, join_style="mitre"), predicate="intersects")
         found = sorted(
-            (
-                feats.geometry.iloc[i].distance(centre),
-                feats["name"].iloc[i],
-                feats["kind"].iloc[i],
-                feats["name_sv"].iloc[i],
-            )
+            (feats.geometry.iloc[i].distance(centre), *(feats[c].iloc[i] for c in CONTEXT_FIELDS))
             for i in idx
         )
         seen: set[str] = set()
-        parts = []
-        for _, name, kind, name_sv in found:
+        parts, rich = [], []
+        for _, name, kind, name_sv, preset, look in found:
             if name.lower() not in seen:  # one entry per name: a street's segments, a bay's node and polygon
                 seen.add(name.lower())
                 # Street signs in Helsinki are bilingual, so the Swedish name is context too.
                 both = f"{name} / {name_sv}" if isinstance(name_sv, str) and name_sv != name else name
                 parts.append(f"{both} ({kind})")
+                rich.append(f"{both} ({'; '.join(w for w in (kind, preset_words(preset), look) if w)})")
         texts.append("; ".join(parts))
+        contexts.append("; ".join(rich))
         tokens = cats["token"].to_numpy()[cat_tree.query(footprint, predicate="intersects")]
         categories.append(sorted(set(tokens.tolist())))
-    return texts, categories
+    return texts, contexts, categories
+
+
+CONTEXT_FIELDS = ("name", "kind", "name_sv", "preset", "looks")
+PRESET_WORDS = 10  # name + first terms: iD lists the most useful terms first; the tail is loose
+
+
+def preset_words(preset_id: str | None) -> str:
+    """A preset's English name and first terms, comma-separated ("" for none): the words people use."""
+    from retriever.vocabulary import Vocabulary
+
+    vocabulary = Vocabulary.load()
+    if not isinstance(preset_id, str) or preset_id not in vocabulary:
+        return ""
+    return ", ".join(vocabulary.words(preset_id)[:PRESET_WORDS])
 
 
 def _save_png(image: Image.Image, path: Path, colors: int) -> None:
@@ -182,7 +194,7 @@ def render_tiles(
 
 def tiles_table(grid: gpd.GeoDataFrame, layers: Layers) -> gpd.GeoDataFrame:
     """tiles.parquet: one row per tile with its centre, image path, named-feature context and categories."""
-    features, categories = tile_context(grid, layers)
+    features, contexts, categories = tile_context(grid, layers)
     centres = gpd.GeoSeries(grid.geometry.centroid, crs=METRIC_CRS).to_crs("EPSG:4326")
     return gpd.GeoDataFrame(
         {
@@ -193,6 +205,7 @@ def tiles_table(grid: gpd.GeoDataFrame, layers: Layers) -> gpd.GeoDataFrame:
             "lon": centres.x.round(7),
             "image_path": [f"tiles/{t}.png" for t in grid["tile_id"]],
             "features": features,
+            "context": contexts,  # features plus preset words and looks: what hybrid BM25 matches
             "categories": categories,
             "attribution": ATTRIBUTION,
         },

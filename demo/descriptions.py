@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +23,7 @@ from demo import require
 from demo.osm import METRIC_CRS, Layers, named_features
 from retriever.errors import DataFormatError
 from retriever.evaluate.metrics import first_relevant, haversine_km, recall_at_k
-from retriever.index.hybrid import (
-    ContextMatcher,  # one BM25 and tokenizer for the baseline and the app's hybrid mode
-)
+from retriever.index.bm25 import ContextMatcher  # one BM25 for the baseline and the app's hybrid mode
 
 SPLITS = ("train", "val")
 STREET_CLASSES = (
@@ -40,6 +40,10 @@ STREET_REACH_M = 25.0  # a street further than this is not "the street I'm on"
 THING_REACH_M = 45.0  # how far a pedestrian reads signs
 AREA_REACH_M = 60.0  # parks, squares and water are visible from further away
 CROSS_REACH_M = 30.0  # a second street this close makes a corner
+LANDMARK_REACH_M = 150.0  # a big or distinctive building is seen from across the tile
+SURROUND_REACH_M = 200.0  # the water, a park or a square is named from further away
+CHAT_P = 0.3  # share written as phone chat: lower case, little punctuation
+LANDMARK_CATEGORIES = {"worship", "culture", "transport", "hotel", "education"}
 ON_STREET_P = 0.85  # share of locations on a street; the rest anywhere in the tile (parks, squares, yards)
 
 # Which description feature type each named feature counts as (coverage is tested per type).
@@ -240,6 +244,19 @@ PHRASEBOOK: dict[str, dict[str, list[str]]] = {
         "where_across": ["across the street", "on the opposite side"],
         "where_near": ["right here", "next to me", "nearby"],
         "joiner": [" and ", ", and ", " plus "],
+        "landmark": [
+            "I'm standing near {thing}.",
+            "There's {thing} {where}.",
+            "I'm looking at {thing}.",
+            "In front of me is {thing}.",
+            "I can see {thing} from here.",
+        ],
+        "surroundings": [
+            "There's {area} nearby.",
+            "Not far away is {area}.",
+            "{area} is close by.",
+            "It's by {area}.",
+        ],
     },
     "val": {
         "opener": ["", "", "", "Hello.", "Need help locating myself.", "Here's what I see:"],
@@ -302,6 +319,8 @@ PHRASEBOOK: dict[str, dict[str, list[str]]] = {
         "where_across": ["over the road", "on the far side"],
         "where_near": ["just by me", "close by"],
         "joiner": [" & ", ", then ", " as well as "],
+        "landmark": ["Right by {thing}.", "{thing} stands {where}.", "Facing {thing}."],
+        "surroundings": ["Just beyond is {area}.", "With {area} a short walk away.", "Next to {area}."],
     },
 }
 
@@ -340,6 +359,9 @@ PLANS: dict[str, dict[str, Plan]] = {
         "rich": Plan(2, ("opener", "corner", "side", "across", "area", "transit", "signs", "closer")),
         "list": Plan(1, ("signs",)),
         "lost_in_park": Plan(1, ("opener", "area", "one_thing", "signs", "closer")),
+        "landmark_first": Plan(2, ("landmark", "surroundings", "street")),
+        "look_landmark": Plan(3, ("landmark", "surroundings", "transit")),
+        "look_around": Plan(2, ("one_thing", "surroundings", "road", "across")),
     },
     "val": {
         "across_first": Plan(3, ("across", "street", "signs")),
@@ -348,6 +370,8 @@ PLANS: dict[str, dict[str, Plan]] = {
         "sign_corner": Plan(3, ("signs", "corner", "ahead")),
         "detailed": Plan(2.5, ("street", "road", "building", "side", "across", "area", "behind", "closer")),
         "checklist": Plan(1, ("signs", "area")),
+        "landmark_view": Plan(2, ("landmark", "across", "surroundings")),
+        "look_scene": Plan(3, ("surroundings", "landmark", "road")),
     },
 }
 
@@ -374,6 +398,8 @@ class Thing:
     lateral: float  # metres to the left (+) or right (-) of the walking direction
     along: float  # metres ahead (+) or behind (-)
     across: bool  # on the other side of the street from the pedestrian
+    preset: str | None = None  # its iD tagging-schema preset (retriever.vocabulary)
+    looks: str = ""  # adjectives from its descriptive tags ("tall white domed")
 
 
 @dataclass
@@ -389,6 +415,20 @@ class Scene:
     areas: list[Thing] = field(default_factory=list)  # parks, squares, water, nearest first
     tram: bool = False
     rail: bool = False
+    landmarks: list[Thing] = field(
+        default_factory=list
+    )  # what stands out in the tile, up to LANDMARK_REACH_M
+    surroundings: list[Thing] = field(default_factory=list)  # parks, squares, water up to SURROUND_REACH_M
+
+
+def is_landmark(row: pd.Series) -> bool:
+    """Prominent enough to describe from anywhere in the tile: a named building, a distinctive look, a sight."""
+    looks = row.get("looks")
+    if isinstance(looks, str) and looks:
+        return True
+    if row["layer"] == "buildings":
+        return isinstance(row["name"], str)
+    return row["category"] in LANDMARK_CATEGORIES
 
 
 class SceneBuilder:
@@ -485,6 +525,7 @@ class SceneBuilder:
             lateral, along = vx * -fy + vy * fx, vx * fx + vy * fy
             across = street is not None and abs(lateral) > 4 and (lateral > 0) != (my_side > 0)
             name_sv = row.get("name_sv")
+            preset, look = row.get("preset"), row.get("looks")
             return Thing(
                 row["name"] if isinstance(row["name"], str) else None,
                 name_sv if isinstance(name_sv, str) else None,
@@ -495,6 +536,8 @@ class SceneBuilder:
                 lateral,
                 along,
                 across,
+                preset if isinstance(preset, str) else None,
+                look if isinstance(look, str) else "",
             )
 
         scene = Scene(x, y, street, cls)
@@ -521,6 +564,17 @@ class SceneBuilder:
             row = self.areas.iloc[i]
             if row.geometry.intersects(footprint):
                 scene.areas.append(seen(row.geometry, row, AREA_TYPES[row["layer"]]))
+        for i in self.thing_tree.query(p.buffer(LANDMARK_REACH_M), predicate="intersects"):
+            row = self.things.iloc[i]
+            if row.geometry.intersects(footprint) and is_landmark(row):
+                ftype = "building" if row["layer"] == "buildings" else f"poi:{row['category']}"
+                scene.landmarks.append(seen(row.geometry, row, ftype))
+        for i in self.area_tree.query(p.buffer(SURROUND_REACH_M), predicate="intersects"):
+            row = self.areas.iloc[i]
+            if row.geometry.intersects(footprint):
+                scene.surroundings.append(seen(row.geometry, row, AREA_TYPES[row["layer"]]))
+        scene.landmarks.sort(key=lambda t: (t.dist, t.name or "", t.kind))
+        scene.surroundings.sort(key=lambda t: (t.dist, t.name or "", t.kind))
         scene.things.sort(key=lambda t: (t.dist, t.ftype == "building", t.name or "", t.kind))
         names: set[str] = set()
         unique = []
@@ -547,18 +601,28 @@ class Writer:
         self.used: set[int] = set()  # ids of things already said
         self.mentions: list[str] = []
         self.vague = rng.random() < 0.25  # this speaker hedges and skips names more often
+        self.no_names = False  # set by the landmark plans: a visitor who describes, reads no sign
 
     def pick(self, key: str) -> str:
         return self.rng.choice(self.book[key])
 
     def kind_word(self, thing: Thing) -> str:
-        pools = SYNONYMS.get(thing.kind) or CATEGORY_WORDS.get(thing.category)
-        if pools and self.rng.random() < 0.5:
-            return self.rng.choice(pools[self.split])
-        return CANONICAL.get(thing.kind, thing.kind)
+        roll = self.rng.random()
+        words = preset_words(thing.preset, self.split)
+        if words and roll < PRESET_WORD_P:  # the words people search the map with (iD's names and terms)
+            word = self.rng.choice(words)
+        else:
+            pools = SYNONYMS.get(thing.kind) or CATEGORY_WORDS.get(thing.category)
+            if pools and roll < PRESET_WORD_P + 0.3:
+                word = self.rng.choice(pools[self.split])
+            else:
+                word = CANONICAL.get(thing.kind, thing.kind)
+        if thing.looks and self.rng.random() < LOOKS_P:
+            word = f"{thing.looks} {word}"
+        return word
 
     def name_of(self, thing: Thing, partial: bool = True) -> str | None:
-        if thing.name is None:
+        if thing.name is None or self.no_names:
             return None
         if thing.name_sv and thing.name_sv != thing.name and self.rng.random() < 0.1:
             return thing.name_sv  # Helsinki's signs are bilingual: some read the Swedish line
@@ -703,6 +767,28 @@ class Writer:
         self.mentions.append(key)
         return self.pick(key)
 
+    def s_landmark(self) -> str | None:
+        """Landmark first: the most prominent thing in view, by kind and look."""
+        picked = self.fresh(self.scene.landmarks, k=1)
+        if not picked:
+            return None
+        text = self.pick("landmark").format(thing=self.thing(picked[0]), where=self.where(picked[0]))
+        return text[0].upper() + text[1:]
+
+    def s_surroundings(self) -> str | None:
+        """What lies around, up to SURROUND_REACH_M: the water, a park, the square below."""
+        picked = self.fresh(self.scene.surroundings, k=1)
+        if not picked:
+            return None
+        area = picked[0]
+        self.used.add(id(area))
+        self.mentions.append(area.ftype)
+        name = self.name_of(area)
+        kind = self.kind_word(area)
+        said = f"{_a(kind)} ({name})" if name and self.rng.random() < 0.5 else _a(kind)
+        text = self.pick("surroundings").format(area=said, kind=kind)
+        return text[0].upper() + text[1:]
+
     def write(self, plan: Sequence[str]) -> str:
         sentences = [s for s in (getattr(self, f"s_{slot}")() for slot in plan) if s]
         if not any(m != "street" for m in self.mentions):  # a street alone rarely pins a place: add a sign
@@ -710,6 +796,42 @@ class Writer:
             if extra:
                 sentences.append(extra)
         return " ".join(sentences)
+
+
+PRESET_WORD_P = 0.45  # share of kind words taken from the feature's preset
+LOOKS_P = 0.6  # share of kind words that carry the feature's looks, when OSM records any
+VAL_TERM_SHARE = 3  # one preset term in 3 is held out for validation phrasings (by a stable hash)
+
+
+@functools.cache
+def preset_words(preset_id: str | None, split: str) -> tuple[str, ...]:
+    """The preset's name (both splits) and its terms in this split: held-out terms measure paraphrase."""
+    from retriever.vocabulary import Vocabulary
+
+    vocabulary = Vocabulary.load()
+    if preset_id is None or preset_id not in vocabulary:
+        return ()
+    name, *terms = (w.lower() for w in vocabulary.words(preset_id))
+    terms = [w for w in terms if w.split()[-1] in PLACE_NOUNS][:PRESET_TERMS]
+    held_out = [w for w in terms if zlib.crc32(w.encode()) % VAL_TERM_SHARE == 0]
+    kept = held_out if split == "val" else [w for w in terms if w not in held_out]
+    generic = "(" in name or "/" in name or "feature" in name
+    return tuple(([] if generic else [name]) + kept)
+
+
+PRESET_TERMS = 8
+# iD's search terms mix names of places ("cathedral", "coffeehouse") with what one finds there ("bras",
+# "latte", "drive-in"); a pedestrian names the place, so only terms whose head word is a kind of place count.
+PLACE_NOUNS = frozenset(
+    """store shop church cathedral chapel basilica abbey station stop restaurant cafe café bar pub hotel inn
+    hostel lodge museum gallery theatre theater cinema library park garden square plaza hall market building
+    tower statue sculpture memorial monument fountain bank pharmacy chemist drugstore apothecary school
+    university college office embassy consulate kiosk newsstand newsagent mall centre center platform tramway
+    railway railroad entrance metro subway parking dentist salon hairdresser barber pizzeria coffeehouse bistro
+    tavern club discotheque nightclub bookstore bookshop bookseller jeweler jeweller optician supermarket
+    grocery bakery bodega superette boutique lawn meadow harbour harbor port pier terminal bay cove inlet shore
+    water pond playground court pitch temple synagogue mosque clinic hospital toilets restroom atm""".split()
+)
 
 
 def _a(word: str) -> str:
@@ -758,13 +880,14 @@ def describe(scene: Scene, split: str, rng: random.Random) -> tuple[str, str, li
     names = sorted(PLANS[split])
     plan_name = rng.choices(names, weights=[PLANS[split][n].weight for n in names])[0]
     writer = Writer(scene, split, rng)
+    writer.no_names = plan_name.startswith("look_")
     text = writer.write(PLANS[split][plan_name].slots)
     roll = rng.random()
     if roll < 0.3:
         text = add_typos(text, rng, rng.randint(1, max(1, len(text.split()) // 12)))
-    if rng.random() < 0.1:
-        text = text.lower()
-    if rng.random() < 0.1:
+    if rng.random() < CHAT_P:  # phone chat: lower case, little punctuation
+        text = text.lower().replace(". ", " ").replace(", ", " ")
+    if rng.random() < 0.2:
         text = text.rstrip(".")
     return text, plan_name, writer.mentions
 

@@ -29,8 +29,10 @@ METRIC_CRS = "EPSG:3067"  # ETRS-TM35FIN: metres, north-up over Finland, so tile
 # 150 m / 100 m grid that covers it (with its overshoot) has data on every tile: 9 x 15 = 135 tiles.
 DEFAULT_BBOX: Bbox = (24.9362, 60.1648, 24.9522, 60.1784)
 ATTRIBUTION = "© OpenStreetMap contributors, ODbL"
-CACHE_VERSION = 7  # bump when the layer schema or classification changes
-COLUMNS = ["osm_id", "name", "name_sv", "kind", "category", "tunnel", "geometry"]
+CACHE_VERSION = 8  # bump when the layer schema or classification changes
+# preset: the iD tagging-schema preset of the feature's tags (retriever.vocabulary); looks: what a passer-by
+# sees that OSM's descriptive tags record ("white domed", "tall brick"), empty when they record nothing.
+COLUMNS = ["osm_id", "name", "name_sv", "kind", "category", "tunnel", "preset", "looks", "geometry"]
 LAYER_NAMES = (
     "landuse",
     "green",
@@ -395,6 +397,50 @@ def _tree(tags: dict[str, str]) -> tuple[str, str] | None:
     return ("tree", "tree") if tags.get("natural") == "tree" else None
 
 
+# Descriptive tags -> the words people use for them.
+ROOF_WORDS = {
+    "dome": "domed",
+    "onion": "onion-domed",
+    "pyramidal": "spired",
+    "cone": "spired",
+    "round": "round",
+}
+MATERIAL_WORDS = {
+    "brick": "brick",
+    "stone": "stone",
+    "granite": "granite",
+    "wood": "wooden",
+    "glass": "glass",
+}
+TALL_LEVELS, TALL_HEIGHT_M = 7, 25.0
+PRESET_GEOMETRY = {"Point": "point", "LineString": "line", "MultiLineString": "line"}
+
+
+def looks(tags: dict[str, str]) -> str:
+    """Adjectives from OSM's descriptive tags, in the order English puts them: "tall white domed stone"."""
+    words = []
+    levels, height = tags.get("building:levels", ""), tags.get("height", "").removesuffix(" m")
+    with contextlib.suppress(ValueError):
+        if float(levels or 0) >= TALL_LEVELS or float(height or 0) >= TALL_HEIGHT_M:
+            words.append("tall")
+    if tags.get("historic") or tags.get("heritage"):
+        words.append("historic")
+    colour = tags.get("building:colour", "").lower()
+    if colour.isalpha():  # named colours only: "#f0e6d2" says nothing a person would say
+        words.append(colour)
+    words.append(ROOF_WORDS.get(tags.get("roof:shape", ""), ""))
+    words.append(MATERIAL_WORDS.get(tags.get("building:material", ""), ""))
+    return " ".join(w for w in words if w)
+
+
+def preset_id(tags: dict[str, str], geom_type: str) -> str | None:
+    """The id of the iD preset that best matches the tags (None when none does)."""
+    from retriever.vocabulary import Vocabulary
+
+    preset = Vocabulary.load().match(tags, PRESET_GEOMETRY.get(geom_type, "area"))
+    return preset.id if preset is not None else None
+
+
 def _frame(
     gdf: gpd.GeoDataFrame | None, classify: Classifier, geom_types: Iterable[str], clip: shapely.Polygon
 ) -> gpd.GeoDataFrame:
@@ -416,6 +462,8 @@ def _frame(
                 "category": hit[0],
                 "tunnel": tags.get("tunnel", "no") not in ("no", "")
                 or tags.get("layer", "0").startswith("-"),
+                "preset": preset_id(tags, geom.geom_type),
+                "looks": looks(tags),
                 "geometry": geom,
             }
         )
@@ -557,6 +605,8 @@ def _parse(pbf: Path, bbox: Bbox) -> Layers:
                         "kind": "sea",
                         "category": "sea",
                         "tunnel": False,
+                        "preset": "natural/bay",  # the open sea off Helsinki is bays and straits
+                        "looks": "",
                     }
                 ],
                 geometry=[sea],
@@ -605,7 +655,7 @@ def _cache_key(pbf: Path, bbox: Bbox) -> str:
 def load_layers(
     bbox: Bbox = DEFAULT_BBOX, pbf: Path | None = None, cache_dir: Path | None = None, refresh: bool = False
 ) -> Layers:
-    """Every map layer inside `bbox`, in METRIC_CRS, with columns osm_id, name, name_sv, kind, category, tunnel.
+    """Every map layer inside `bbox`, in METRIC_CRS, with the columns of COLUMNS.
 
     Parsed layers are cached as GeoParquet under `cache_dir` (default: default_cache_dir()); the cache's
     manifest.json is written last, so its presence proves the layers beside it are complete.
@@ -641,7 +691,9 @@ def named_features(layers: Layers) -> gpd.GeoDataFrame:
         gdf = gdf[gdf["name"].notna() & ~gdf["tunnel"].astype(bool)]
         if len(gdf):
             frames.append(
-                gdf.assign(layer=name)[["layer", "osm_id", "name", "name_sv", "kind", "category", "geometry"]]
+                gdf.assign(layer=name)[
+                    ["layer", "osm_id", "name", "name_sv", "kind", "category", "preset", "looks", "geometry"]
+                ]
             )
     if not frames:
         return gpd.GeoDataFrame(

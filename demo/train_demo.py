@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from demo import ADAPTER, GALLERY, require
+from demo import ADAPTER, ASSETS, GALLERY, require
 from demo.descriptions import read_records
 from retriever._cli import run_cli
 from retriever.evaluate.metrics import first_relevant, haversine_km, recall_at_k
@@ -68,9 +68,32 @@ class Gallery:
     contexts: list[str]  # (G,) each tile's named-feature text
     train: list[Description]
     val: list[Description]
+    human: HumanDev | None = None  # human-written dev descriptions, for model selection only
 
 
-def load_gallery(folder: Path, val_limit: int, seed: int) -> Gallery:
+@dataclass
+class HumanDev:
+    """Human-written dev descriptions and the gallery tiles whose footprint holds each true point."""
+
+    texts: list[str]
+    relevant: np.ndarray  # (Q, G) bool
+    lat: np.ndarray  # (Q,)
+    lon: np.ndarray  # (Q,)
+
+
+def load_human_dev(path: Path, footprints: Any) -> HumanDev:
+    """Read human_dev.jsonl (q, lat, lon, ...); `footprints` are the tiles' polygons in tile_ids order."""
+    import shapely
+
+    rows = read_records(path)
+    lat = np.array([float(r["lat"]) for r in rows])
+    lon = np.array([float(r["lon"]) for r in rows])
+    points = shapely.points(lon, lat)
+    relevant = np.stack([shapely.contains(np.asarray(footprints), p) for p in points])  # (Q, G)
+    return HumanDev([r["q"] for r in rows], relevant, lat, lon)
+
+
+def load_gallery(folder: Path, val_limit: int, seed: int, human_dev: Path | None = None) -> Gallery:
     """Read a built gallery; validation keeps a seeded sample of at most `val_limit` descriptions."""
     import geopandas as gpd
 
@@ -83,18 +106,21 @@ def load_gallery(folder: Path, val_limit: int, seed: int) -> Gallery:
         tile_ids=tile_ids,
         images=images,
         meta={"lat": meta_df["lat"].to_numpy(), "lon": meta_df["lon"].to_numpy()},
-        contexts=[str(f) for f in meta_df["features"]],
+        contexts=[str(f) for f in meta_df["context" if "context" in meta_df.columns else "features"]],
         train=train,
         val=random.Random(seed).sample(val, min(val_limit, len(val))),
+        human=load_human_dev(human_dev, meta_df.geometry.values) if human_dev else None,
     )
 
 
 def lora_targets(decoder_attr: str, first_layer: int, last_layer: int) -> str:
-    """A peft regex for the projections of decoder layers first_layer..last_layer-1 (decoder at `decoder_attr`)."""
+    """A peft regex for the projections of decoder layers first_layer..last_layer-1.
+
+    `decoder_attr` is the family's language_model_attr ("model.text_model"); its last name anchors the regex.
+    """
+    decoder = re.escape(decoder_attr.rsplit(".", 1)[-1])
     layers = "|".join(str(i) for i in range(first_layer, last_layer))
-    return (
-        rf".*{re.escape(decoder_attr)}\.layers\.({layers})\.(self_attn|mlp)\.({'|'.join(LLM_PROJECTIONS)})$"
-    )
+    return rf".*{decoder}\.layers\.({layers})\.(self_attn|mlp)\.({'|'.join(LLM_PROJECTIONS)})$"
 
 
 class CachedQueryPath:
@@ -162,7 +188,24 @@ def validate(r: Retriever, val: Sequence[Description], gallery: Gallery) -> dict
     first = first_relevant(order, relevant)  # (Q,)
     top_lat, top_lon = gallery.meta["lat"][order[:, 0]], gallery.meta["lon"][order[:, 0]]
     dist_m = 1000.0 * haversine_km([d.lat for d in val], [d.lon for d in val], top_lat, top_lon)
-    return {**{f"r{k}": recall_at_k(first, k) for k in (1, 5, 10)}, "l100": float((dist_m <= 100).mean())}
+    metrics = {**{f"r{k}": recall_at_k(first, k) for k in (1, 5, 10)}, "l100": float((dist_m <= 100).mean())}
+    if gallery.human is not None:
+        metrics.update(validate_human(r, gallery.human, t, gallery))
+    return metrics
+
+
+def validate_human(r: Retriever, human: HumanDev, tiles: torch.Tensor, gallery: Gallery) -> dict[str, float]:
+    """hit@1/5 (a top-k footprint holds the true point) and L@150 on the human dev descriptions."""
+    q = r.encode_queries(human.texts, batch_size=64, progress=False)  # (Q, D)
+    order = (q @ tiles.T).argsort(dim=1, descending=True, stable=True).numpy()  # (Q, G)
+    first = first_relevant(order, human.relevant)  # (Q,)
+    top = order[:, 0]
+    dist_m = 1000.0 * haversine_km(human.lat, human.lon, gallery.meta["lat"][top], gallery.meta["lon"][top])
+    return {
+        "human_hit1": recall_at_k(first, 1),
+        "human_hit5": recall_at_k(first, 5),
+        "human_l150": float((dist_m <= 150).mean()),
+    }
 
 
 def _schedule(optimizer: torch.optim.Optimizer, base_lrs: list[float], step: int, progress: float) -> None:
@@ -265,12 +308,16 @@ def stage_query_side(
 def _keep_if_better(
     r: Retriever, out: Path, metrics: dict[str, float], step: int, best: dict[str, Any], extra: dict[str, Any]
 ) -> dict[str, Any]:
-    """Save the adapter when validation R@1 improves; half precision, since it is committed."""
-    if metrics["r1"] <= best["r1"]:
+    """Save the adapter when the selection metric improves; half precision, since it is committed."""
+    key = SELECT_KEY if SELECT_KEY in metrics else "r1"
+    if metrics[key] <= best.get(key, -1.0):
         return best
     best = {**metrics, "step": step}
     save_adapter(r, out, weights_dtype=torch.float16, extra={"val": best, **extra})
     return best
+
+
+SELECT_KEY = "human_l150"  # model selection on the human dev set when given, else generated R@1
 
 
 def stage_vision(
@@ -330,7 +377,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    gallery = load_gallery(args.gallery, args.val_limit, args.seed)
+    gallery = load_gallery(args.gallery, args.val_limit, args.seed, args.select_on)
 
     r = load_retriever(DEMO_MODEL_ID, device="cpu")
     stop = r.config.pool_layer
@@ -385,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--val-limit", type=int, default=539, help="validation descriptions used during training")
+    p.add_argument(
+        "--select-on",
+        type=Path,
+        default=ASSETS / "eval" / "human_dev.jsonl",
+        help="human dev descriptions to select the checkpoint on (L@150); '' selects on generated R@1",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     return p

@@ -16,9 +16,9 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from retriever.index import Hit, TileIndex
     from retriever.models.config import RetrievalConfig
     from retriever.models.encoder import Retriever, load_retriever
-    from retriever.index import Hit, TileIndex
 
 
 def __getattr__(name: str) -> Any:

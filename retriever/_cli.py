@@ -23,7 +23,9 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True, help_
         "--quantization", choices=QUANTIZATIONS, default="none", help="load the base in 4-bit NF4 or 8-bit"
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when present)")
-    group.add_argument("--dtype", choices=DTYPE_NAMES, help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    group.add_argument(
+        "--dtype", choices=DTYPE_NAMES, help="compute dtype (default: bf16 on GPU, fp32 on CPU)"
+    )
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,3 +73,10 @@ def fail(message: str) -> int:
     """Print `error: message` on stderr and return the usage exit code."""
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def retriever_factory(args: argparse.Namespace, **overrides: Any) -> Callable[[], Any]:
+    """A picklable no-argument loader of the retriever the flags describe (Ray workers call it remotely)."""
+    import functools
+
+    return functools.partial(load_retriever, **{**model_kwargs(args), **overrides})

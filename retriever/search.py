@@ -6,8 +6,12 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from retriever._cli import add_model_args, retriever_from_args, run_cli
+from retriever._io import write_text_atomic
 from retriever.errors import RetrieverError
 from retriever.index import Hit, TileIndex, hits_to_csv, hits_to_geojson, read_manifest, resolve_load_path
 from retriever.index.spatial import parse_within
@@ -31,14 +35,6 @@ Example: [[{"rank": 1, "tile_id": "city_r0003_c0012", "score": 0.41, "lat": 60.1
 """
 
 
-def _load_retriever(
-    model: str, adapter: str | None = None, quantization: str = "none", device: str | None = None
-):
-    from retriever.models.encoder import load_retriever  # lazy: transformers is heavy
-
-    return load_retriever(model, adapter=adapter, quantization=quantization, device=device)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m retriever.search",
@@ -54,11 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--within", help="'west,south,east,north' | 'lat,lon,radius_m' | area.geojson")
     parser.add_argument("--json", action="store_true", help="print hits as JSON (format below)")
     parser.add_argument("--geojson", type=Path, help="also write the hits' footprints as a GeoJSON file")
-    parser.add_argument("--csv", type=Path, help="also write the hits as CSV")
-    parser.add_argument("--model", help="retriever to load instead of the one recorded in the index")
-    parser.add_argument("--adapter", help="adapter folder (with --model)")
-    parser.add_argument("--quantization", default="none", help="quantization (with --model)")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+    parser.add_argument("--csv", type=Path, help="also write the hits as CSV (formula-safe cells)")
+    add_model_args(
+        parser, required=False, help_model="retriever to load instead of the one recorded in the index"
+    )
     parser.add_argument(
         "--backend",
         choices=["torch", "faiss", "ann"],
@@ -77,40 +72,39 @@ def _print_table(queries: list[str], hits: list[list[Hit]]) -> None:
             print(f"{hit.rank:>4}  {hit.score:+.4f}  {hit.lat:10.6f} {hit.lon:11.6f}  {hit.tile_id}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """How to load the retriever: --model and its flags, else the recipe recorded in the index's manifest."""
+    if args.model:
+        return {}  # the model flags as given
+    recipe = read_manifest(args.index).get("load")
+    if not recipe:
+        raise RetrieverError(f"{args.index} does not record how to load its retriever; pass --model")
+    return {**recipe, **{k: resolve_load_path(recipe.get(k), args.index) for k in ("model", "adapter")}}
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
-    try:
-        area = parse_within(args.within) if args.within else None
-        if args.model:
-            recipe = {"model": args.model, "adapter": args.adapter, "quantization": args.quantization}
-        else:
-            recipe = read_manifest(args.index).get("load")
-            if not recipe:
-                raise RetrieverError(f"{args.index} does not record how to load its retriever; pass --model")
-            recipe = {
-                **recipe,
-                **{k: resolve_load_path(recipe.get(k), args.index) for k in ("model", "adapter")},
-            }
-        retriever = _load_retriever(**recipe, device=args.device)
-        index = TileIndex.load(
-            args.index, retriever, device=args.device, backend=args.backend, exact=args.exact
-        )
-        hits = index.search_text(retriever, args.query, args.k, within=area)
-    except (RetrieverError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    area = parse_within(args.within) if args.within else None
+    retriever = retriever_from_args(args, **_recipe(args))
+    index = TileIndex.load(args.index, retriever, device=args.device, backend=args.backend, exact=args.exact)
+    hits = index.search_text(retriever, args.query, args.k, within=area)
 
     if args.json:
         print(json.dumps([[hit.to_dict() for hit in query_hits] for query_hits in hits], indent=1))
     else:
         _print_table(args.query, hits)
     if args.geojson:
-        args.geojson.write_text(json.dumps(hits_to_geojson(hits, args.query)))
+        write_text_atomic(args.geojson, json.dumps(hits_to_geojson(hits, args.query)))
     if args.csv:
         hits_to_csv(hits, args.csv, args.query)
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the search; a user mistake prints `error: ...` and returns 2 (a bad flag exits 2 through argparse)."""
+    return run_cli(_main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

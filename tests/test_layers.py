@@ -161,7 +161,9 @@ def test_only_main_modules_import_across_sibling_jobs() -> None:
     assert bad == []
 
 
-def test_a_cycle_and_a_private_import_would_be_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cycle_and_a_private_import_would_be_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # the checker on a two-module fixture: proves that it can fail
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text("")

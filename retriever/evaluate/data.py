@@ -169,6 +169,23 @@ def _find_image_root(data: Path, first_image: str, image_root: str | Path | None
     )
 
 
+def _geotext_entries(ann_path: Path) -> list[dict]:
+    """The entries of a GeoText-1652 annotation file, each checked for image_id, image and caption."""
+    entries = _load_json(ann_path)
+    if not isinstance(entries, list) or not entries:
+        raise DataFormatError(f"{ann_path} should hold a non-empty JSON list of entries")
+    bad = [
+        i
+        for i, e in enumerate(entries)
+        if not isinstance(e, dict) or not {"image_id", "image", "caption"} <= set(e)
+    ]
+    if bad:
+        raise DataFormatError(
+            f"{len(bad)} entries of {ann_path} lack image_id/image/caption: entries{_listing(bad)}"
+        )
+    return entries
+
+
 def read_geotext1652(
     data: str | Path,
     split: str = "test",
@@ -189,19 +206,7 @@ def read_geotext1652(
     if split not in GEOTEXT_ANNOTATIONS and not data.is_file():
         raise DataFormatError(f"GeoText-1652 has splits {sorted(GEOTEXT_ANNOTATIONS)}, not {split!r}")
     ann_path = _find_annotation(data, GEOTEXT_ANNOTATIONS.get(split, ()), f"GeoText-1652 {split!r}")
-    entries = _load_json(ann_path)
-    if not isinstance(entries, list) or not entries:
-        raise DataFormatError(f"{ann_path} should hold a non-empty JSON list of entries")
-    bad = [
-        i
-        for i, e in enumerate(entries)
-        if not isinstance(e, dict) or not {"image_id", "image", "caption"} <= set(e)
-    ]
-    if bad:
-        raise DataFormatError(
-            f"{len(bad)} entries of {ann_path} lack image_id/image/caption: entries{_listing(bad)}"
-        )
-
+    entries = _geotext_entries(ann_path)
     root = _find_image_root(ann_path.parent, entries[0]["image"], image_root)
     dedup = split == "train"  # train entries repeat an image; the official test reader keeps every entry
     seen: dict[str, int] = {}
@@ -402,18 +407,48 @@ class _JsonlRow(NamedTuple):
     latlon: tuple[float, float] | None
 
 
-def _jsonl_rows(path: Path) -> tuple[list[_JsonlRow], list[tuple[int, str]]]:
-    """Every well-formed line as a row, and (line number, problem) for every malformed one."""
-    rows: list[_JsonlRow] = []
+def _jsonl_objects(path: Path) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
+    """(line number, parsed value) of every non-blank line that is JSON, and (line number, problem) of the rest."""
+    objects: list[tuple[int, Any]] = []
     problems: list[tuple[int, str]] = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            objects.append((line_no, json.loads(line)))
         except json.JSONDecodeError as err:
             problems.append((line_no, f"not JSON ({err.msg})"))
-            continue
+    return objects, problems
+
+
+def _line_problems(path: Path, problems: Sequence[tuple[int, str]]) -> DataFormatError:
+    listed = [f"line {line}: {problem}" for line, problem in sorted(problems)]
+    return DataFormatError(f"{len(problems)} problems in {path}:{_listing(listed)}")
+
+
+def read_jsonl_records(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
+    """The objects of a JSONL file, one per non-blank line; one error lists every line that is not an
+    object or lacks a `required` field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"JSONL file not found: {path}")
+    objects, problems = _jsonl_objects(path)
+    for line_no, row in objects:
+        missing = [k for k in required if k not in row] if isinstance(row, dict) else None
+        if missing is None:
+            problems.append((line_no, "not a JSON object"))
+        elif missing:
+            problems.append((line_no, f"lacks {', '.join(missing)}"))
+    if problems:
+        raise _line_problems(path, problems)
+    return [row for _, row in objects]
+
+
+def _jsonl_rows(path: Path) -> tuple[list[_JsonlRow], list[tuple[int, str]]]:
+    """Every well-formed pair line as a row, and (line number, problem) for every malformed one."""
+    objects, problems = _jsonl_objects(path)
+    rows: list[_JsonlRow] = []
+    for line_no, row in objects:
         if (
             not isinstance(row, dict)
             or not isinstance(row.get("text"), str)
@@ -461,8 +496,7 @@ def read_jsonl(
         texts.append(row.text)
         text_image.append(image_of[image])
     if problems:
-        listed = [f"line {line}: {problem}" for line, problem in sorted(problems)]
-        raise DataFormatError(f"{len(problems)} problems in {path}:{_listing(listed)}")
+        raise _line_problems(path, problems)
     if not texts:
         raise DataFormatError(f"{path} holds no pairs")
     images = list(image_of)
@@ -567,5 +601,6 @@ __all__ = [
     "read_dataset",
     "read_geotext1652",
     "read_jsonl",
+    "read_jsonl_records",
     "require_images",
 ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from retriever.protocols import RerankFn  # rerank_fn(query_idx, (k,) candidates, (k,) scores) -> re-ordered
 
 EARTH_RADIUS_KM = 6371.0  # the constant of the official CVG-Text scorer
 CHUNK_BYTES = 256 << 20  # default size of one streamed block of the score matrix
@@ -16,8 +18,6 @@ CVG_KS = (1, 5, 10)
 CVG_RADII_M = (50, 100, 150)
 CVG_GALLERY_SIZE = 100
 
-# rerank_fn(query_idx, candidate_indices (k,), scores (k,)) -> the same candidate indices, re-ordered.
-RerankFn = Callable[[int, np.ndarray, np.ndarray], Sequence[int]]
 Ties = Literal["high", "low"]
 ArrayLike = np.ndarray | torch.Tensor
 

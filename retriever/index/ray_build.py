@@ -1,94 +1,111 @@
-"""Distributed tile embedding on Ray Data: one retriever replica per actor, shards merged by build_index."""
+"""Distributed tile embedding on Ray Data: one retriever replica per actor embeds missing shards, then build.finalize."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from retriever.errors import MissingDependencyError, RetrieverError
-from retriever.index import (
-    DTYPES,
-    SHARDS,
-    THUMBNAILS,
+from retriever._io import lazy_import
+from retriever.index.build import (
+    Shard,
     TileEncoder,
-    _save_shard,
-    _shard_done,
-    _shard_key,
-    _validated,
-    _write_thumbnails,
-    build_index,
+    check_options,
+    embed_shard,
+    finalize,
+    plan_shards,
+    prepare_folder,
+    validate_tiles,
 )
+from retriever.index.layout import shard_done, shard_key, stored_fingerprint
 
 log = logging.getLogger(__name__)
 
 
-def _import_ray():
-    try:
-        import ray
-    except ImportError as exc:
-        raise MissingDependencyError('the ray engine needs Ray Data: pip install "ray[data]"') from exc
-    return ray
+def import_ray() -> Any:
+    """ray, or MissingDependencyError with the install line."""
+    return lazy_import("ray", pip='"ray[data]"', purpose="the ray engine")
 
 
 class ShardEmbedder:
     """A Ray Data actor: builds one retriever replica, then embeds whole shards (one row = one shard)."""
 
     def __init__(
-        self,
-        factory: Callable[[], TileEncoder],
-        out: str,
-        key: str,
-        dtype: str,
-        thumbnail_px: int,
-        batch_size: int,
+        self, factory: Callable[[], TileEncoder], key: str, dtype: str, thumbnail_px: int, batch_size: int
     ) -> None:
         self.retriever = factory()
-        self.out, self.key, self.dtype = Path(out), key, dtype
-        self.thumbnail_px, self.batch_size = thumbnail_px, batch_size
+        self.key, self.dtype, self.thumbnail_px, self.batch_size = key, dtype, thumbnail_px, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for shard, images, ids, thumbs in zip(
-            batch["shard"], batch["images"], batch["ids"], batch["thumbs"], strict=True
-        ):
-            images, ids = [str(p) for p in images], [str(i) for i in ids]
-            if self.thumbnail_px:
-                _write_thumbnails(images, [self.out / str(t) for t in thumbs], self.thumbnail_px)
-            vectors = self.retriever.encode_tiles(images, batch_size=self.batch_size, progress=False)
-            vectors = np.asarray(torch.as_tensor(vectors).float().cpu(), dtype=np.float32)  # (n_i, D)
-            if vectors.ndim != 2 or vectors.shape[0] != len(images):
-                raise RetrieverError(f"encode_tiles returned {vectors.shape} for {len(images)} tiles")
-            _save_shard(self.out / SHARDS / str(shard), vectors.astype(DTYPES[self.dtype]), ids, self.key)
-        return {"shard": batch["shard"], "tiles": np.array([len(i) for i in batch["ids"]])}
+        counts = [
+            embed_shard(self.retriever, shard, self.key, self.dtype, self.thumbnail_px, self.batch_size)
+            for shard in _shards_of(batch)
+        ]
+        return {"shard": batch["shard"], "tiles": np.array(counts)}
 
 
-class _ShardsOnly:
-    """Stands in for the retriever when build_index merges shards that Ray already wrote."""
+def _row_of(shard: Shard) -> dict[str, Any]:
+    """A shard as a Ray Data row of plain values."""
+    return {
+        "shard": str(shard.path),
+        "lo": shard.lo,
+        "hi": shard.hi,
+        "ids": shard.tile_ids,
+        "images": shard.images,
+        "thumbs": [str(t) for t in shard.thumbnails],
+    }
 
-    def __init__(self, fingerprint: dict) -> None:
-        self._fingerprint = fingerprint
 
-    def fingerprint(self) -> dict:
-        return self._fingerprint
-
-    def encode_tiles(
-        self, images: Sequence[Any], batch_size: int = 8, progress: bool | None = None
-    ) -> torch.Tensor:
-        raise RetrieverError(f"a shard of {len(images)} tiles is missing after the Ray run; rerun the build")
+def _shards_of(batch: dict[str, np.ndarray]) -> list[Shard]:
+    """The shards of a Ray Data batch (the inverse of _row_of)."""
+    columns = (batch[name] for name in ("shard", "lo", "hi", "ids", "images", "thumbs"))
+    return [
+        Shard(
+            path=Path(str(path)),
+            lo=int(lo),
+            hi=int(hi),
+            tile_ids=[str(i) for i in ids],
+            images=[str(p) for p in images],
+            thumbnails=[Path(str(t)) for t in thumbs],
+        )
+        for path, lo, hi, ids, images, thumbs in zip(*columns, strict=True)
+    ]
 
 
 def _fingerprint_of(factory: Callable[[], TileEncoder]) -> dict:
-    return json.loads(json.dumps(factory().fingerprint(), default=str))
+    return stored_fingerprint(factory().fingerprint())
+
+
+def _start_ray(ray: Any, ray_address: str | None) -> None:
+    if not ray.is_initialized():  # local mode when address is None; workers see the driver's import path
+        env = {"PYTHONPATH": os.pathsep.join([os.getcwd(), *[p for p in sys.path if p]])}
+        ray.init(
+            address=ray_address, runtime_env={"env_vars": env}, log_to_driver=False, include_dashboard=False
+        )
+
+
+def _embed_on_actors(
+    ray: Any, todo: list[Shard], actor_kwargs: dict, resources: dict, num_workers: int, show: bool
+) -> None:
+    """Embed the shards in todo on num_workers actors; each shard file is written as soon as it is embedded."""
+    dataset = ray.data.from_items([_row_of(s) for s in todo], override_num_blocks=len(todo)).map_batches(
+        ShardEmbedder,
+        fn_constructor_kwargs=actor_kwargs,
+        batch_size=1,  # one shard per call
+        concurrency=num_workers,
+        **resources,
+    )
+    total = sum(s.hi - s.lo for s in todo)
+    with tqdm(total=total, desc="embedding tiles (ray)", unit="tile", disable=not show) as bar:
+        for row in dataset.iter_rows():
+            bar.update(int(row["tiles"]))
 
 
 def ray_build_index(
@@ -112,73 +129,29 @@ def ray_build_index(
     factory builds the retriever (it is pickled to the workers: a module-level class or a functools.partial
     of one). Missing shards are embedded by num_workers actors (one replica each, gpus_per_worker GPUs) and
     written as they finish; shards already finished are skipped, so an interrupted run redoes only the
-    missing ones. The ordinary build_index then merges them and writes tiles.parquet and the manifest.
+    missing ones. build.finalize then merges them and writes tiles.parquet and the manifest.
     """
-    ray = _import_ray()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    tiles = _validated(tiles)
-    out = Path(out_dir).expanduser().resolve()
-    (out / SHARDS).mkdir(parents=True, exist_ok=True)
-    if thumbnail_px:
-        (out / THUMBNAILS).mkdir(exist_ok=True)
-    if not ray.is_initialized():  # local mode when address is None; workers see the driver's import path
-        env = {"PYTHONPATH": os.pathsep.join([os.getcwd(), *[p for p in sys.path if p]])}
-        ray.init(
-            address=ray_address, runtime_env={"env_vars": env}, log_to_driver=False, include_dashboard=False
-        )
-
-    fingerprint = ray.get(
-        ray.remote(_fingerprint_of)
-        .options(num_gpus=gpus_per_worker, num_cpus=cpus_per_worker)
-        .remote(factory)
-    )
-    key = _shard_key(fingerprint, dtype, thumbnail_px)
-    n = len(tiles)
-    ids = tiles["tile_id"].astype(str).tolist()
-    images = tiles["image_path"].astype(str).tolist()
-    thumbs = [f"{THUMBNAILS}/{row:07d}.jpg" if thumbnail_px else "" for row in range(n)]
-    todo = []
-    for i in range(math.ceil(n / shard_size)):
-        lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
-        name = f"{i:06d}.npz"
-        if not _shard_done(out / SHARDS / name, ids[lo:hi], key):
-            todo.append({"shard": name, "images": images[lo:hi], "ids": ids[lo:hi], "thumbs": thumbs[lo:hi]})
-    log.info("%d of %d shards to embed on %d Ray workers", len(todo), math.ceil(n / shard_size), num_workers)
-
+    ray = import_ray()
+    check_options(dtype, shard_size)
+    tiles = validate_tiles(tiles)
+    out = prepare_folder(out_dir, thumbnail_px)
+    _start_ray(ray, ray_address)
+    resources = {"num_gpus": gpus_per_worker, "num_cpus": cpus_per_worker}
+    fingerprint = ray.get(ray.remote(_fingerprint_of).options(**resources).remote(factory))
+    key = shard_key(fingerprint, dtype, thumbnail_px)
+    shards = plan_shards(tiles, out, shard_size, thumbnail_px)
+    todo = [s for s in shards if not shard_done(s.path, s.tile_ids, key)]
+    log.info("%d of %d shards to embed on %d Ray workers", len(todo), len(shards), num_workers)
     if todo:
-        dataset = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            ShardEmbedder,
-            fn_constructor_kwargs={
-                "factory": factory,
-                "out": str(out),
-                "key": key,
-                "dtype": dtype,
-                "thumbnail_px": thumbnail_px,
-                "batch_size": batch_size,
-            },
-            batch_size=1,  # one shard per call: a shard file is written as soon as it is embedded
-            concurrency=num_workers,
-            num_gpus=gpus_per_worker,
-            num_cpus=cpus_per_worker,
-        )
-        show = progress if progress is not None else n >= 1000
-        with tqdm(
-            total=sum(len(t["ids"]) for t in todo),
-            desc="embedding tiles (ray)",
-            unit="tile",
-            disable=not show,
-        ) as bar:
-            for row in dataset.iter_rows():
-                bar.update(int(row["tiles"]))
-    return build_index(
-        _ShardsOnly(fingerprint),
-        tiles,
-        out,
-        batch_size=batch_size,
-        shard_size=shard_size,
-        dtype=dtype,
-        thumbnail_px=thumbnail_px,
-        progress=False,
-        load_args=load_args,
+        actor_kwargs = {
+            "factory": factory,
+            "key": key,
+            "dtype": dtype,
+            "thumbnail_px": thumbnail_px,
+            "batch_size": batch_size,
+        }
+        show = progress if progress is not None else len(tiles) >= 1000
+        _embed_on_actors(ray, todo, actor_kwargs, resources, num_workers, show)
+    return finalize(
+        tiles, out, shards, fingerprint, dtype=dtype, thumbnail_px=thumbnail_px, load_args=load_args
     )

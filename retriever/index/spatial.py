@@ -15,6 +15,7 @@ from shapely.ops import transform as shapely_transform
 
 from retriever.errors import DataFormatError, EmptySelectionError
 from retriever.index.tiles import WGS84
+
 CIRCLE_QUAD_SEGMENTS = 64  # 256 vertices: the polygon departs from the true circle by < 1e-4 of the radius
 
 

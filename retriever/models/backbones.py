@@ -29,7 +29,8 @@ PROMPT_STYLES: dict[str, tuple[str, str]] = {
 # The one list of projection names: families, adapters and the demo's training all read it from here.
 LLM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-ImageGrid = Callable[[Any, Mapping[str, Any]], tuple[int, int]]  # (model config, one tile's batch) -> (rows, cols)
+# (model config, the processed batch of one tile) -> (rows, cols) of its image tokens
+ImageGrid = Callable[[Any, Mapping[str, Any]], tuple[int, int]]
 
 
 def language_model_targets(projections: Sequence[str] = LLM_PROJECTIONS) -> str:
@@ -252,7 +253,15 @@ _IDEFICS3_TOKENS = (
     "<image>",
     "<global-img>",
 )
-_INTERNVL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+_INTERNVL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<video>",
+)
 _TINY = "retriever.models.tiny"
 
 FAMILIES: dict[str, Family] = {

@@ -135,7 +135,10 @@ class Retriever:
         return self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
 
     def process_tiles(
-        self, images: Sequence[ImageLike], prompts: Sequence[str] | None = None, padding_side: str | None = None
+        self,
+        images: Sequence[ImageLike],
+        prompts: Sequence[str] | None = None,
+        padding_side: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Decode, resize to the configured square and run the family's processor: (N,) tiles -> (N, T) batch.
 
@@ -145,7 +148,8 @@ class Retriever:
         side = self.config.image_side
         decoded = [open_image(img).resize((side, side), Image.Resampling.BICUBIC) for img in images]
         if prompts is None:
-            prompts = [self.config.tile_prompt.replace("{image}", self.family.image_placeholder)] * len(decoded)
+            prompt = self.config.tile_prompt.replace("{image}", self.family.image_placeholder)
+            prompts = [prompt] * len(decoded)
         padding = {"padding_side": padding_side} if padding_side else {}
         return dict(
             self.processor(
@@ -175,7 +179,12 @@ class Retriever:
 
     @torch.inference_mode()
     def _encode(
-        self, items: list, prepare: Any, batch_size: int, progress: bool | None, what: str
+        self,
+        items: list,
+        prepare: Callable[[list], dict[str, torch.Tensor]],
+        batch_size: int,
+        progress: bool | None,
+        what: str,
     ) -> torch.Tensor:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -303,6 +312,61 @@ def _check_adapter(adapter: Path, saved: dict[str, Any], live: RetrievalConfig) 
         )
 
 
+ADAPTER_SETTINGS = ("query_prompt", "tile_prompt", "pooling", "pool_layer", "max_text_tokens", "image_side")
+
+
+def _adapter_settings(adapter: Path) -> dict[str, Any]:
+    """The retrieval config saved with an adapter ({} for a bare peft folder); refuses a folder without one."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise RetrieverError(f"No adapter at {adapter}: expected adapter_config.json (saved by peft) there.")
+    return json.loads((adapter / CONFIG_FILE).read_text()) if (adapter / CONFIG_FILE).is_file() else {}
+
+
+def _retrieval_config(
+    model: str, model_id: str, revision: str | None, hf_config: Any, adapter: Path | None, overrides: dict
+) -> RetrievalConfig:
+    """Family defaults < the model folder's retrieval_defaults.json < the adapter's config < overrides."""
+    family = family_for_model_type(hf_config.model_type)
+    settings: dict[str, Any] = {
+        "family": family.name,
+        "base_model": model_id,  # the id the user gave: stable across machines, unlike a cache path
+        "revision": revision,
+        "query_prompt": family.query_prompt,
+        "tile_prompt": family.tile_prompt,
+        "image_side": family.default_image_side,
+    }
+    defaults_file = Path(model) / DEFAULTS_FILE
+    if defaults_file.is_file():
+        settings.update(json.loads(defaults_file.read_text()))
+    saved = _adapter_settings(adapter) if adapter is not None else {}
+    settings.update({k: v for k, v in saved.items() if k in ADAPTER_SETTINGS})
+    settings.update(overrides)
+    settings["base_signature"] = base_signature(hf_config)
+    config = RetrievalConfig.from_dict(settings)
+    if adapter is not None:
+        _check_adapter(adapter, saved, config)
+    return config
+
+
+def _load_base(
+    model: str,
+    family: Family,
+    quantization: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    revision: str | None,
+) -> torch.nn.Module:
+    """The transformers model on `device`, quantized by bitsandbytes when asked."""
+    quant_config = _quantization_config(quantization, family, dtype)
+    load_kwargs: dict[str, Any] = {"revision": revision, "dtype": dtype}
+    if quant_config is not None:
+        load_kwargs.update(quantization_config=quant_config, device_map={"": str(device)})
+    hf_model = family.resolve_model_class().from_pretrained(model, **load_kwargs)
+    if quant_config is None:
+        hf_model.to(device)
+    return hf_model
+
+
 def load_retriever(
     model: str | Path,
     adapter: str | Path | None = None,
@@ -326,42 +390,9 @@ def load_retriever(
     torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     hf_config = _read_model_config(model, revision)
     family = family_for_model_type(hf_config.model_type)
-
-    settings: dict[str, Any] = {
-        "family": family.name,
-        "base_model": model_id,  # the id the user gave: stable across machines, unlike a cache path
-        "revision": revision,
-        "query_prompt": family.query_prompt,
-        "tile_prompt": family.tile_prompt,
-        "image_side": family.default_image_side,
-    }
-    defaults_file = Path(model) / DEFAULTS_FILE
-    if defaults_file.is_file():
-        settings.update(json.loads(defaults_file.read_text()))
-    adapter_settings: dict[str, Any] = {}
-    if adapter is not None:
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise RetrieverError(
-                f"No adapter at {adapter}: expected adapter_config.json (saved by peft) there."
-            )
-        if (adapter / CONFIG_FILE).is_file():
-            adapter_settings = json.loads((adapter / CONFIG_FILE).read_text())
-            keep = {"query_prompt", "tile_prompt", "pooling", "pool_layer", "max_text_tokens", "image_side"}
-            settings.update({k: v for k, v in adapter_settings.items() if k in keep})
-    settings.update(overrides)
-    settings["base_signature"] = base_signature(hf_config)
-    config = RetrievalConfig.from_dict(settings)
-    if adapter is not None:
-        _check_adapter(adapter, adapter_settings, config)
-
-    quant_config = _quantization_config(quantization, family, torch_dtype)
-    load_kwargs: dict[str, Any] = {"revision": revision, "dtype": torch_dtype}
-    if quant_config is not None:
-        load_kwargs.update(quantization_config=quant_config, device_map={"": str(device)})
-    hf_model = family.resolve_model_class().from_pretrained(model, **load_kwargs)
-    if quant_config is None:
-        hf_model.to(device)
+    adapter = Path(adapter) if adapter is not None else None
+    config = _retrieval_config(model, model_id, revision, hf_config, adapter, overrides)
+    hf_model = _load_base(model, family, quantization, torch_dtype, device, revision)
     processor = family.build_processor(model, {"revision": revision})
 
     adapter_hash = None

@@ -34,7 +34,9 @@ def pairset_to_pairs(pair_set: PairSet) -> list[Pair]:
     latlon = pair_set.image_latlon  # (I, 2) or None
     pairs = []
     for text, image in zip(pair_set.texts, pair_set.text_image.tolist(), strict=True):
-        lat, lon = (float(latlon[image, 0]), float(latlon[image, 1])) if latlon is not None else (math.nan, math.nan)
+        lat, lon = (
+            (float(latlon[image, 0]), float(latlon[image, 1])) if latlon is not None else (math.nan, math.nan)
+        )
         pairs.append(
             Pair(
                 text=text,

@@ -23,7 +23,7 @@ def _entry(building: str, n: int, split: str, caption: str | list[str]) -> dict:
     }
 
 
-def test_captions(building_index: int, image_n: int, captions_per_image: int, confuse: bool) -> list[str]:
+def captions_for(building_index: int, image_n: int, captions_per_image: int, confuse: bool) -> list[str]:
     """Captions naming the building's colour; with confuse, the last one of building 0 names building 1's."""
     colour = COLOURS[building_index]
     out = [f"a {colour} building seen from the drone, view {image_n}.{c}" for c in range(captions_per_image)]
@@ -52,7 +52,7 @@ def make_geotext1652(
     test, train = [], []
     for b, building in enumerate(TEST_BUILDINGS):
         for n in range(1, images_per_building + 1):
-            entry = _entry(building, n, "test", test_captions(b, n, captions_per_image, confuse))
+            entry = _entry(building, n, "test", captions_for(b, n, captions_per_image, confuse))
             test.append(entry)
             _write(root / "images" / entry["image"], COLOURS[b], size)
     for b, building in enumerate(TRAIN_BUILDINGS, start=len(TEST_BUILDINGS)):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +12,6 @@ import torch
 from PIL import Image
 
 from retriever import load_retriever
-from retriever.models.adapters import add_adapter, save_adapter
-from retriever.models.backbones import FAMILIES
 from retriever.errors import (
     AdapterMismatchError,
     ImageDecodeError,
@@ -21,10 +19,11 @@ from retriever.errors import (
     RetrieverError,
     UnknownFamilyError,
 )
+from retriever.models.adapters import add_adapter, save_adapter
+from retriever.models.backbones import FAMILIES
 from retriever.models.pooling import pool_last, pool_mean
-from retriever.models.tiny import TINY_BUILDERS
 
-FAMILY_NAMES = tuple(TINY_BUILDERS)
+FAMILY_NAMES = tuple(FAMILIES)
 
 TEXTS = ["a red church", "a small blue park opposite a cafe on the corner of the street", "tram stop"]
 
@@ -178,15 +177,10 @@ def test_adapter_for_another_base_is_refused(tiny_model_dir, tmp_path: Path) -> 
 
 
 def test_missing_bitsandbytes_says_how_to_install(tiny_model_dir, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_import = builtins.__import__
-
-    def no_bnb(name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        if name.startswith("bitsandbytes"):
-            raise ImportError("No module named 'bitsandbytes'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_bnb)
-    with pytest.raises(MissingDependencyError, match="pip install"):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    with pytest.raises(
+        MissingDependencyError, match=re.escape("needs bitsandbytes: pip install 'bitsandbytes")
+    ):
         load_retriever(tiny_model_dir("qwen2_vl"), quantization="4bit")
 
 

@@ -1,0 +1,293 @@
+"""The numbers of explanations, numpy only: similarity softmax, confidence calibration, ECE, ERM, the fits."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retriever._io import write_json_atomic
+from retriever.models.config import CALIBRATION_FILE
+
+DEFAULT_TEMPERATURE = 0.05  # similarity softmax temperature (cosine scores of a contrastive model)
+DEFAULT_RERANK_WEIGHT = 0.5  # ERM: share of the similarity in the combined score (1 = similarity only)
+LOGIT_CLIP = 1e-6  # probabilities are clipped to [eps, 1 - eps] before a logit
+TEMPERATURE_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # fit_calibration's search
+WEIGHT_GRID = tuple(float(w) for w in np.round(np.linspace(0.0, 1.0, 21), 2))  # fit_rerank_weight's search
+
+
+# -- similarity evidence and log-odds ------------------------------------------------------------------------
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), with p clipped away from 0 and 1."""
+    p = np.clip(np.asarray(p, dtype=np.float64), LOGIT_CLIP, 1 - LOGIT_CLIP)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def similarity_probs(scores: np.ndarray, temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
+    """Softmax of the top-K similarity scores at a temperature: (k,) -> (k,), sums to 1."""
+    s = np.asarray(scores, dtype=np.float64) / temperature
+    e = np.exp(s - s.max()) if s.size else s
+    return e / e.sum() if s.size else e
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """ECE with equal-width bins: sum over bins of |mean confidence - accuracy| x share of items."""
+    conf = np.asarray(confidence, dtype=np.float64).ravel()
+    hit = np.asarray(correct, dtype=np.float64).ravel()
+    if conf.size == 0:
+        return 0.0
+    which = np.minimum((conf * bins).astype(int), bins - 1)  # (N,) bin of each item; 1.0 joins the top bin
+    ece = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            ece += inside.mean() * abs(conf[inside].mean() - hit[inside].mean())
+    return float(ece)
+
+
+# -- ERM: expected-relevance re-ranking ----------------------------------------------------------------------
+
+
+def erm_scores(
+    similarity: np.ndarray, p_yes: np.ndarray, weight: float, temperature: float = DEFAULT_TEMPERATURE
+) -> np.ndarray:
+    """ERM score of each candidate: w * s / T + (1 - w) * logit(P(yes)).
+
+    Both terms are log-odds: s / T is the log of the similarity softmax up to a constant shared by the
+    candidates of one query, so only its differences matter, as for ranking. w = 1 keeps the similarity order.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"the ERM weight must lie in [0, 1], got {weight}")
+    s = np.asarray(similarity, dtype=np.float64) / temperature
+    return weight * s + (1.0 - weight) * logit(p_yes)
+
+
+def erm_order(
+    similarity: np.ndarray, p_yes: np.ndarray, weight: float, temperature: float = DEFAULT_TEMPERATURE
+) -> np.ndarray:
+    """Positions of the candidates, best first, under the ERM score; ties keep the incoming order."""
+    return np.argsort(-erm_scores(similarity, p_yes, weight, temperature), kind="stable")
+
+
+# -- calibration ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValExample:
+    """One validation query: its top-k similarity scores, the MLLM's P(yes) and which candidates are right."""
+
+    scores: np.ndarray  # (k,) similarity, best first
+    p_yes: np.ndarray  # (k,)
+    relevant: np.ndarray  # (k,) bool
+
+
+@dataclass
+class Calibration:
+    """confidence = sigmoid(w_sim * logit(softmax(s / T)) + w_yes * logit(P(yes)) + bias); plus the ERM weight.
+
+    The defaults (1, 1, 0) multiply the two odds: a naive product of experts until fitted on validation.
+    Saved as CALIBRATION_FILE next to the adapter (or in the model folder), where Explainer looks first.
+    """
+
+    temperature: float = DEFAULT_TEMPERATURE
+    w_sim: float = 1.0
+    w_yes: float = 1.0
+    bias: float = 0.0
+    rerank_weight: float = DEFAULT_RERANK_WEIGHT
+    report: dict[str, Any] = field(default_factory=dict)  # how it was fitted: ECE / R@1 before and after, n
+
+    def confidence(self, scores: np.ndarray, p_yes: np.ndarray) -> np.ndarray:
+        """(k,) similarity scores of one query's top-k and (k,) P(yes) -> (k,) confidences in [0, 1]."""
+        z = (
+            self.w_sim * logit(similarity_probs(scores, self.temperature))
+            + self.w_yes * logit(p_yes)
+            + self.bias
+        )
+        return sigmoid(z)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the calibration as JSON, atomically."""
+        return write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read a saved calibration; keys this version does not know are ignored."""
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def find(cls, folders: Sequence[str | Path | None]) -> Calibration | None:
+        """The calibration saved in the first of `folders` holding CALIBRATION_FILE; None when none does."""
+        for folder in folders:
+            if folder and (Path(folder) / CALIBRATION_FILE).is_file():
+                return cls.load(Path(folder) / CALIBRATION_FILE)
+        return None
+
+
+def _flatten(examples: Sequence[ValExample]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    scores = [np.asarray(e.scores, dtype=np.float64) for e in examples]
+    p_yes = np.concatenate([np.asarray(e.p_yes, dtype=np.float64) for e in examples])
+    relevant = np.concatenate([np.asarray(e.relevant, dtype=bool) for e in examples])
+    return scores, p_yes, relevant
+
+
+def _features(scores: list[np.ndarray], p_yes: np.ndarray, temperature: float) -> np.ndarray:
+    sim = np.concatenate([logit(similarity_probs(s, temperature)) for s in scores])
+    return np.stack([sim, logit(p_yes), np.ones_like(sim)], axis=1)  # (N, 3)
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 50) -> np.ndarray:
+    """Newton's method on the L2-regularised log-loss (the bias unpenalised): (N, 3), (N,) -> (3,)."""
+    w = np.zeros(x.shape[1])
+    penalty = np.diag([l2] * (x.shape[1] - 1) + [0.0])
+    for _ in range(steps):
+        p = sigmoid(x @ w)
+        grad = x.T @ (p - y) / len(y) + penalty @ w
+        hess = (x * (p * (1 - p))[:, None]).T @ x / len(y) + penalty + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w
+
+
+def _log_loss(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    p = np.clip(sigmoid(x @ w), 1e-12, 1 - 1e-12)  # (N,)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+
+def calibration_ece(calibration: Calibration, examples: Sequence[ValExample], bins: int = 10) -> float:
+    """ECE of a calibration's confidences over every candidate of every example."""
+    if not examples:
+        return 0.0
+    conf = np.concatenate([calibration.confidence(e.scores, e.p_yes) for e in examples])
+    return expected_calibration_error(conf, _flatten(examples)[2], bins)
+
+
+def fit_calibration(
+    val_examples: Sequence[ValExample],
+    temperatures: Sequence[float] = TEMPERATURE_GRID,
+    base: Calibration | None = None,
+    bins: int = 10,
+) -> Calibration:
+    """Fit the temperature (grid, by log-loss) and the logistic weights on validation examples.
+
+    report holds the ECE of `base` (the uncalibrated defaults when None) and of the fit, both on these
+    examples; measure on held-out examples with calibration_ece. The rerank weight is carried over.
+    """
+    if not val_examples:
+        raise ValueError("fit_calibration needs at least one validation example")
+    base = base or Calibration()
+    scores, p_yes, relevant = _flatten(val_examples)
+    y = relevant.astype(np.float64)
+    if y.min() == y.max():
+        raise ValueError("fit_calibration needs both relevant and irrelevant candidates")
+    fits = []  # (log-loss, temperature, weights), in grid order: the first of equal losses wins
+    for t in temperatures:
+        x = _features(scores, p_yes, t)
+        w = _fit_logistic(x, y)
+        fits.append((_log_loss(x, y, w), t, w))
+    loss, t, w = min(fits, key=lambda fit: fit[0])
+    fitted = Calibration(
+        temperature=float(t),
+        w_sim=float(w[0]),
+        w_yes=float(w[1]),
+        bias=float(w[2]),
+        rerank_weight=base.rerank_weight,
+        report={**base.report},
+    )
+    fitted.report.update(
+        ece_before=calibration_ece(base, val_examples, bins),
+        ece_after=calibration_ece(fitted, val_examples, bins),
+        log_loss=loss,
+        n_queries=len(val_examples),
+        n_candidates=int(y.size),
+    )
+    return fitted
+
+
+# -- the ERM weight ------------------------------------------------------------------------------------------
+
+
+def _first_relevant_rank(example: ValExample, weight: float, temperature: float) -> int:
+    """0-based rank of the first relevant candidate under ERM; k when none is (the project's one R@k)."""
+    from retriever.evaluate.metrics import first_relevant  # on use: this module loads with numpy alone
+
+    order = erm_order(example.scores, example.p_yes, weight, temperature)  # (k,) positions, best first
+    return int(first_relevant(order[None], np.asarray(example.relevant, dtype=bool)[None])[0])
+
+
+def recall_at_1(examples: Sequence[ValExample], weight: float, temperature: float) -> float:
+    """Share (in %) of queries whose ERM top-1 is relevant; weight 1 is the similarity ranking."""
+    from retriever.evaluate.metrics import recall_at_k
+
+    if not examples:
+        return 0.0
+    first = [_first_relevant_rank(e, weight, temperature) for e in examples]  # (Q,)
+    return 100.0 * recall_at_k(first, 1)
+
+
+@dataclass(frozen=True)
+class RerankFit:
+    weight: float
+    r1_before: float  # similarity order
+    r1_after: float  # ERM order at the fitted weight
+
+
+def fit_rerank_weight(
+    val_examples: Sequence[ValExample],
+    temperature: float = DEFAULT_TEMPERATURE,
+    grid: Sequence[float] = WEIGHT_GRID,
+) -> RerankFit:
+    """The ERM weight with the best validation R@1; ties go to the larger weight (closer to no re-ranking)."""
+    if not val_examples:
+        raise ValueError("fit_rerank_weight needs at least one validation example")
+    results = [(recall_at_1(val_examples, float(w), temperature), float(w)) for w in grid]
+    r1, weight = max(results)  # max over (r1, w): the largest weight among the best
+    return RerankFit(weight, recall_at_1(val_examples, 1.0, temperature), r1)
+
+
+# -- both, with held-out figures -----------------------------------------------------------------------------
+
+
+def _held_out(examples: Sequence[ValExample], seed: int) -> dict[str, float]:
+    """ECE and R@1 before and after, each fitted on one half and measured on the other (2 folds, averaged)."""
+    if len(examples) < 4:
+        return {}
+    folds = np.random.default_rng(seed).permutation(len(examples)) % 2  # (Q,) fold of each example
+    held: dict[str, list[float]] = {"ece_before": [], "ece_after": [], "r1_before": [], "r1_after": []}
+    for f in (0, 1):
+        fit_on = [e for e, g in zip(examples, folds, strict=True) if g != f]
+        test_on = [e for e, g in zip(examples, folds, strict=True) if g == f]
+        try:
+            cal = fit_calibration(fit_on)
+        except ValueError:  # a fold with only relevant (or only irrelevant) candidates
+            continue
+        weight = fit_rerank_weight(fit_on, cal.temperature).weight
+        held["ece_before"].append(calibration_ece(Calibration(), test_on))
+        held["ece_after"].append(calibration_ece(cal, test_on))
+        held["r1_before"].append(recall_at_1(test_on, 1.0, cal.temperature))
+        held["r1_after"].append(recall_at_1(test_on, weight, cal.temperature))
+    return {k: float(np.mean(v)) for k, v in held.items() if v}
+
+
+def fit_all(examples: Sequence[ValExample], seed: int = 0) -> Calibration:
+    """Calibration and ERM weight fitted on all examples; report adds held-out figures from a 2-fold split."""
+    held_out = _held_out(examples, seed)
+    cal = fit_calibration(examples)
+    rerank = fit_rerank_weight(examples, cal.temperature)
+    cal.rerank_weight = rerank.weight
+    cal.report.update(r1_before=rerank.r1_before, r1_after=rerank.r1_after)
+    cal.report["held_out"] = held_out
+    return cal

@@ -1,0 +1,353 @@
+"""The Explainer: P(yes) (cached), calibrated confidence, ERM re-ranking, streamed reasons (adapter off)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import is_dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from retriever.errors import RetrieverError
+from retriever.explain import heatmap as heatmaps
+from retriever.explain.calibration import Calibration, ValExample, erm_order
+from retriever.explain.prompts import (
+    PLAIN_LEADS,
+    build_prompt,
+    match_question,
+    reason_request,
+    yes_no_token_ids,
+)
+from retriever.models.images import ImageLike
+from retriever.models.pooling import pool_last
+from retriever.protocols import HitLike, RerankFn
+
+if TYPE_CHECKING:
+    from transformers import TextIteratorStreamer
+
+    from retriever.models.encoder import Retriever
+
+P_YES_CACHE_SIZE = 64  # (query, tiles) -> P(yes): confidence and rerank of one search share a forward
+MLLM_PARTS = ("model", "processor", "tokenizer", "family", "config")  # what an explained retriever must have
+
+
+class PairsLike(Protocol):
+    """The texts and images of an evaluation dataset (retriever.evaluate.data.PairSet)."""
+
+    texts: Sequence[str]
+    images: Sequence[ImageLike]
+
+
+def _tile(hit: HitLike | ImageLike) -> ImageLike:
+    """The image of a hit (its image_path), or the hit itself when it is already an image or a path."""
+    if isinstance(hit, Image.Image | str | Path):
+        return hit
+    path = getattr(hit, "image_path", None)
+    if path is None:
+        raise RetrieverError(f"{type(hit).__name__} has no image_path: cannot show its tile to the MLLM")
+    return path
+
+
+def _context(hit: HitLike | ImageLike) -> dict[str, Any]:
+    context = getattr(hit, "context", None)
+    return dict(context) if isinstance(context, dict) else {}
+
+
+def _with_rank(hit: HitLike, rank: int) -> HitLike:
+    if is_dataclass(hit) and not isinstance(hit, type):
+        return replace(hit, rank=rank)
+    clone = type(hit).__new__(type(hit))
+    clone.__dict__.update(vars(hit))
+    clone.rank = rank
+    return clone
+
+
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(retriever: Retriever) -> threading.RLock:
+    """The lock explanation calls take on a retriever's model: its own `model_lock` if it has one, else ours.
+
+    Switching the adapter off is global to the model, so while one call runs with it off, another must not
+    run (a heatmap, or a search if the retriever takes the same lock) expecting it on.
+    """
+    own = getattr(retriever, "model_lock", None)
+    if own is not None:
+        return own
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(retriever, threading.RLock())
+
+
+class _StopFlag:
+    """A StoppingCriteria that ends generation once the consumer of a streamed reason has gone."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
+class Explainer:
+    """Reasons, confidence, ERM re-ranking and heatmaps for the hits of a Retriever.
+
+    The MLLM parts (P(yes), reasons) run the base model with the retrieval adapter switched off
+    (adapter_off=True), since the adapter was trained to embed, not to talk. Heatmaps explain the
+    retrieval itself, so they use the retriever as it embeds (adapter on).
+    """
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        *,
+        yes_token: str = "yes",
+        no_token: str = "no",
+        weight: float | None = None,
+        temperature: float | None = None,
+        calibration: Calibration | str | Path | None = None,
+        adapter_off: bool = True,
+        cache_size: int = P_YES_CACHE_SIZE,
+        autocast_bf16: bool = False,
+    ) -> None:
+        missing = [a for a in MLLM_PARTS if not hasattr(retriever, a)]
+        if missing:
+            raise RetrieverError(
+                f"Explanations need an MLLM retriever (retriever.load_retriever); {type(retriever).__name__} "
+                f"has no {', '.join(missing)}."
+            )
+        self.retriever = retriever
+        self.adapter_off = adapter_off
+        self.autocast_bf16 = autocast_bf16  # bf16 matmuls on CPU: ~2.7x faster P(yes), embeddings untouched
+        self.yes_ids, self.no_ids = yes_no_token_ids(retriever.tokenizer, yes_token, no_token)
+        if not self.yes_ids or not self.no_ids:
+            raise RetrieverError(f"{yes_token!r} and {no_token!r} share their tokens in this tokenizer")
+        self.calibration = self._load_calibration(calibration)
+        if weight is not None:
+            self.calibration.rerank_weight = float(weight)
+        if temperature is not None:
+            self.calibration.temperature = float(temperature)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def _load_calibration(self, calibration: Calibration | str | Path | None) -> Calibration:
+        """A copy of the given calibration, the one saved with the adapter or the model, or the defaults."""
+        if isinstance(calibration, Calibration):
+            return replace(calibration, report=dict(calibration.report))
+        if calibration is not None:
+            return Calibration.load(calibration)
+        folders = [getattr(self.retriever, "adapter_path", None), self.retriever.config.base_model]
+        return Calibration.find(folders) or Calibration()
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    @contextmanager
+    def _generator(self) -> Iterator[torch.nn.Module]:
+        """The model that answers and writes, in eval mode (no dropout): the base model with the adapter off,
+        or the retriever's own model. Holds the model lock: the adapter switch is global to the model."""
+        switch = (
+            self.retriever.adapter_disabled() if self.adapter_off else nullcontext(self.retriever.base_model)
+        )
+        device_type = getattr(getattr(self.retriever, "device", None), "type", "cpu")
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
+        with model_lock(self.retriever):
+            was_training = self.retriever.model.training
+            self.retriever.model.eval()
+            try:
+                with switch as model, autocast:
+                    yield model
+            finally:
+                self.retriever.model.train(was_training)
+
+    def _inputs(
+        self, tiles: Sequence[ImageLike], bodies: Sequence[str], lead: str
+    ) -> dict[str, torch.Tensor]:
+        """Prompts (image + text) for k tiles as one right-padded batch on the model's device."""
+        r = self.retriever
+        texts = [build_prompt(r.tokenizer, r.family.image_placeholder, body, lead) for body in bodies]
+        # right padding: real tokens keep positions 0..L-1, so a row alone equals the row in a batch
+        return r.to_device(r.process_tiles(tiles, prompts=texts, padding_side="right"))
+
+    @torch.inference_mode()
+    def _p_yes_batch(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """One forward; P(yes) from the next-token logits at each row's last real token."""
+        with self._generator() as model:
+            hidden = model.model(**batch).last_hidden_state  # (B, T, H)
+            last = pool_last(hidden, batch["attention_mask"])  # (B, H)
+            logits = model.get_output_embeddings()(last).float()  # (B, V)
+        yes = torch.logsumexp(logits[:, self.yes_ids], dim=1)  # (B,) all spellings of "yes" together
+        no = torch.logsumexp(logits[:, self.no_ids], dim=1)
+        return torch.sigmoid(yes - no).cpu().numpy().astype(np.float64)  # softmax over [yes, no]
+
+    def _cache_key(self, query: str, hits: Sequence[HitLike | ImageLike]) -> tuple | None:
+        tiles = [_tile(h) for h in hits]
+        if not all(isinstance(t, str | Path) for t in tiles):
+            return None  # in-memory images have no stable key
+        contexts = tuple(json.dumps(_context(h), sort_keys=True, default=str) for h in hits)
+        return (query, tuple(str(t) for t in tiles), contexts)
+
+    def _remember(self, key: tuple | None, p_yes: np.ndarray) -> None:
+        """Keep the latest cache_size answers, the least recently used going first."""
+        if key is None or self.cache_size <= 0:
+            return
+        self._cache[key] = p_yes.copy()
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    # -- public API -----------------------------------------------------------------------------------------
+    def p_yes(
+        self, query: str, hits: Sequence[HitLike | ImageLike], batch_size: int | None = None
+    ) -> np.ndarray:
+        """P("yes") to "Does this tile match the description?" for each hit: (k,) in [0, 1].
+
+        Read from the next-token logits as softmax([logit_yes, logit_no])[0], each logit pooled (logsumexp)
+        over the single-token spellings of the word. All k tiles go through one batched forward unless
+        batch_size says otherwise; hits may also be image paths or PIL images.
+        """
+        hits = list(hits)
+        if not hits:
+            return np.empty(0)
+        key = self._cache_key(query, hits)
+        if key is not None and key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key].copy()
+        tiles = [_tile(h) for h in hits]
+        bodies = [match_question(query, _context(h)) for h in hits]
+        step = batch_size or len(hits)
+        lead = PLAIN_LEADS["question"]
+        out = np.concatenate(
+            [
+                self._p_yes_batch(self._inputs(tiles[s : s + step], bodies[s : s + step], lead))
+                for s in range(0, len(hits), step)
+            ]
+        )  # (k,)
+        self._remember(key, out)
+        return out
+
+    def confidence(self, query: str, hits: Sequence[HitLike]) -> list[float]:
+        """Calibrated confidence in [0, 1] per hit, from the similarity softmax over these hits and P(yes)."""
+        if not hits:
+            return []
+        scores = np.array([float(h.score) for h in hits])  # (k,)
+        return [float(c) for c in self.calibration.confidence(scores, self.p_yes(query, hits))]
+
+    def rerank(self, query: str, hits: Sequence[HitLike], k: int = 5) -> list[HitLike]:
+        """ERM: re-order the top-k by erm_scores (weight and temperature from the calibration); ranks renumbered.
+
+        Hits beyond k keep their order; each hit keeps its similarity score.
+        """
+        hits = list(hits)
+        k = min(k, len(hits))
+        if k < 2:
+            return [_with_rank(h, i + 1) for i, h in enumerate(hits)]
+        head = hits[:k]
+        scores = np.array([float(h.score) for h in head])  # (k,)
+        cal = self.calibration
+        order = erm_order(scores, self.p_yes(query, head), cal.rerank_weight, cal.temperature)
+        return [_with_rank(h, i + 1) for i, h in enumerate([head[j] for j in order] + hits[k:])]
+
+    def reason(
+        self, query: str, hit: HitLike | ImageLike, max_new_tokens: int = 60, do_sample: bool = False
+    ) -> Iterator[str]:
+        """Stream 1-3 sentences on what in the tile matches the description: yields text increments.
+
+        Greedy unless do_sample. Plain text, never HTML; escape it where it is displayed. Generation runs
+        in a thread; leaving the loop early stops it at the next token.
+        """
+        from transformers import TextIteratorStreamer
+
+        batch = self._inputs([_tile(hit)], [reason_request(query, _context(hit))], PLAIN_LEADS["reason"])
+        streamer = TextIteratorStreamer(self.retriever.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        failure: list[BaseException] = []
+        worker = threading.Thread(
+            target=self._generate,
+            args=(batch, streamer, stop, failure, max_new_tokens, do_sample),
+            daemon=True,
+        )
+        worker.start()
+        try:
+            for text in streamer:
+                if text:
+                    yield text
+        finally:
+            stop.set()
+            worker.join()
+        if failure:
+            raise failure[0]
+
+    def _generate(
+        self,
+        batch: dict[str, torch.Tensor],
+        streamer: TextIteratorStreamer,
+        stop: threading.Event,
+        failure: list[BaseException],
+        max_new_tokens: int,
+        do_sample: bool,
+    ) -> None:
+        """The reason's worker thread: owns the model lock and the adapter switch for the whole run."""
+        from transformers import StoppingCriteriaList
+
+        options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": 1}
+        if not do_sample:  # a checkpoint's sampling defaults would only warn under greedy decoding
+            options.update(temperature=None, top_p=None, top_k=None)
+        try:
+            with self._generator() as model, torch.inference_mode():
+                model.generate(
+                    **batch,
+                    **options,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopFlag(stop)]),
+                    pad_token_id=self.retriever.tokenizer.pad_token_id,
+                )
+        except BaseException as error:  # re-raised in the consumer's thread
+            failure.append(error)
+            streamer.end()
+
+    def relevance_grid(self, query: str, hit: HitLike | ImageLike) -> np.ndarray:
+        """Gradient x input of the query-tile cosine similarity at each image token: (gh, gw), signed.
+
+        Adapter on, and under the model lock: no other explanation call passes through the hook meanwhile.
+        """
+        with model_lock(self.retriever):
+            return heatmaps.relevance_grid(self.retriever, query, _tile(hit))
+
+    def heatmap(self, query: str, hit: HitLike | ImageLike, alpha: float = 0.6) -> Image.Image:
+        """The positive relevance, scaled to its maximum, upsampled and blended over the tile: an RGBA image."""
+        return heatmaps.overlay(_tile(hit), self.relevance_grid(query, hit), alpha)
+
+    # -- validation -----------------------------------------------------------------------------------------
+    def examples(
+        self,
+        queries: Sequence[str],
+        hits: Sequence[Sequence[HitLike | ImageLike]],
+        scores: Sequence[Sequence[float]],
+        relevant: Sequence[Sequence[bool]],
+    ) -> list[ValExample]:
+        """ValExamples for fit_calibration / fit_rerank_weight: one batched P(yes) forward per query."""
+        return [
+            ValExample(np.asarray(s, dtype=np.float64), self.p_yes(q, h), np.asarray(rel, dtype=bool))
+            for q, h, s, rel in zip(queries, hits, scores, relevant, strict=True)
+        ]
+
+
+def make_reranker(retriever: Retriever, pairs: PairsLike, explainer: Explainer | None = None) -> RerankFn:
+    """rerank_fn(query_idx, candidate_indices, scores) for retriever.evaluate: ERM on pairs' texts and images."""
+    explainer = explainer or Explainer(retriever)
+    cal = explainer.calibration
+
+    def erm(query_idx: int, candidates: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        tiles = [pairs.images[int(c)] for c in candidates]
+        p = explainer.p_yes(pairs.texts[int(query_idx)], tiles)  # (k,)
+        return np.asarray(candidates)[erm_order(scores, p, cal.rerank_weight, cal.temperature)]
+
+    return erm
