@@ -42,7 +42,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 bench: install
-	for b in benchmarks/bench_*.py; do echo "== $$b"; PYTHONPATH=. $(PY) $$b; done
+	for b in benchmarks/bench_*.py; do m=$$(basename $$b .py); echo "== $$m"; $(PY) -m benchmarks.$$m; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_QUERY_CHARS = 1000  # ~300 tokens, the retriever's text budget
 MAX_K = 20
 DEFAULT_K = 5
+ERM_TOP = 5  # ERM re-ranks this many of the best hits (as fitted by demo.calibrate_explain)
 REASON_TOP = 3  # reasons are slow on a CPU: explain the best few only
 MAX_REASON_CHARS = 1200
 STREAM_INTERVAL_S = 0.25  # how often streamed reason text is pushed to the page
@@ -54,6 +55,8 @@ class Engine:
     confidence: Callable[[str, list[Any]], list[float]] | None = None
     reason: Callable[[str, Any], Iterator[str]] | None = None
     heatmap: Callable[[str, Any], Image.Image] | None = None  # (query, hit) -> relevance overlay
+    evidence: Callable[[str, Any], list[tuple[str, str, str]]] | None = None  # -> (words, status, matched)
+    ranking: str = "MLLM similarity (pixels only)"  # what the page says ranked the tiles
 
 
 def make_engine(
@@ -61,8 +64,13 @@ def make_engine(
 ) -> Engine:
     """Bind a retriever, an index and an optional explainer (`confidence`, `reason`) into an Engine.
 
-    hybrid_weight in [0, 1] fuses the similarity with BM25 over the tiles' `features` context (1 = pixels only).
+    hybrid_weight in [0, 1] fuses the similarity with BM25 over the tiles' OSM context (1 = pixels only).
     """
+    ranking = (
+        f"hybrid: {hybrid_weight:g} × MLLM similarity + {1 - hybrid_weight:g} × BM25 over the tiles' OSM context"
+        if hybrid_weight is not None
+        else Engine.ranking
+    )
 
     @on_gpu
     def rank(query: str, k: int, within: Any) -> list[Any]:
@@ -73,7 +81,13 @@ def make_engine(
         return list(index.search_text(retriever, [query], k=k, within=within)[0])
 
     if explainer is None:
-        return Engine(rank=rank)
+        return Engine(rank=rank, ranking=ranking)
+    if getattr(explainer, "reranks", False) is True:  # ERM helped on the human dev set: re-rank the top few
+        searched = rank
+        ranking = f"{ranking}, top {ERM_TOP} re-ranked by confidence (ERM)"
+
+        def rank(query: str, k: int, within: Any) -> list[Any]:  # evidence only: CPU, no GPU call
+            return explainer.rerank(query, searched(query, k, within), k=ERM_TOP)
 
     @on_gpu
     def confidence(query: str, hits: list[Any]) -> list[float]:
@@ -87,8 +101,19 @@ def make_engine(
     def heatmap(query: str, hit: Any) -> Image.Image:
         return explainer.heatmap(query, hit)
 
+    def evidence(query: str, hit: Any) -> list[tuple[str, str, str]]:
+        found = explainer.evidence(query, hit)
+        return [(str(m.mention.surface), str(m.status), str(m.matched)) for m in found.matches]
+
     has_heatmap = callable(getattr(explainer, "heatmap", None))
-    return Engine(rank=rank, confidence=confidence, reason=reason, heatmap=heatmap if has_heatmap else None)
+    return Engine(
+        rank=rank,
+        confidence=confidence,
+        reason=reason,
+        heatmap=heatmap if has_heatmap else None,
+        ranking=ranking,
+        evidence=evidence if callable(getattr(explainer, "evidence", None)) else None,
+    )
 
 
 # --- Plain data in and out --------------------------------------------------------------------
@@ -101,6 +126,7 @@ class SearchState:
     confidences: list[float] = field(default_factory=list)
     confidence_source: str = "similarity"
     reasons: dict[int, str] = field(default_factory=dict)  # rank -> text
+    marks: dict[int, list[tuple[str, str, str]]] = field(default_factory=dict)  # rank -> evidence marks
     basemap: str = "offline"
     focus: int | None = None  # rank shown zoomed in
 
@@ -171,6 +197,22 @@ def md_text(value: object) -> str:
     return _MD_SPECIAL.sub(r"\\\1", html.escape(str(value), quote=False))
 
 
+FSI, PDI = "\u2068", "\u2069"  # first-strong isolate: user text cannot reorder what follows it
+MARK_SYMBOLS = maps.MARK_SYMBOLS
+
+
+def isolated(value: object) -> str:
+    """md_text wrapped in Unicode isolates (bidi-safe): a right-to-left query cannot flip the marks."""
+    return f"{FSI}{md_text(str(value).replace(FSI, '').replace(PDI, ''))}{PDI}"
+
+
+def marks_md(marks: Sequence[tuple[str, str, str]] | None) -> str:
+    """Evidence marks as Markdown: "✓ Stockmann · ≈ nearby Esplanadi · ✗ theatre", every word escaped."""
+    return " · ".join(
+        f"{MARK_SYMBOLS.get(status, '?')} {isolated(surface)}" for surface, status, _ in marks or []
+    )
+
+
 def caption(hit: Any) -> str:
     return f"#{int(hit.rank)} · {float(hit.score):.3f} · {float(hit.lat):.4f}, {float(hit.lon):.4f}"  # ~10 m
 
@@ -216,6 +258,7 @@ def render_map(state: SearchState) -> str:
             query=state.query,
             confidences=state.confidences,
             reasons=state.reasons,
+            marks=state.marks,
             focus=state.focus,
             basemap=state.basemap,
         )
@@ -231,15 +274,24 @@ def explanations_md(state: SearchState, pending: Sequence[int] = ()) -> str:
             f"(temperature {DEFAULT_TEMPERATURE}); no explanation model is loaded."
         )
     lines = ["**Why these tiles**", ""]
+    if state.marks:
+        lines += [
+            "Evidence: ✓ in the tile · ≈ nearby (within 100 m) · ✗ not found, for the places the description "
+            "names, checked against the OpenStreetMap data of each tile. Confidence: the chance that the tile "
+            "lies within 150 m of the place described, fitted on human-written descriptions.",
+            "",
+        ]
     for hit, conf in zip(state.hits, state.confidences, strict=False):
         rank = int(hit.rank)
         if rank in state.reasons:
-            body = md_text(state.reasons[rank])
+            body = isolated(state.reasons[rank])
         elif rank in pending:
             body = "*writing…*"
         else:
             continue
-        lines.append(f"- **#{rank}** · confidence {conf:.2f} — {body}")
+        marks = state.marks.get(rank)
+        shown = f" · evidence: {marks_md(marks)}" if marks else ""
+        lines.append(f"- **#{rank}** · confidence {conf:.2f}{shown} — {body}")
     return "\n".join(lines)
 
 
@@ -296,6 +348,10 @@ def result_rows(state: SearchState) -> list[dict[str, Any]]:
                 "north": north,
                 "osm_url": maps.osm_url(float(hit.lat), float(hit.lon)),
                 "reason": state.reasons.get(int(hit.rank), ""),
+                "evidence": "; ".join(
+                    f"{MARK_SYMBOLS.get(status, '?')} {surface}"
+                    for surface, status, _ in state.marks.get(int(hit.rank), [])
+                ),
             }
         )
     return rows
@@ -382,7 +438,9 @@ def search(
         view = View(
             gallery=gallery_items(state.hits),
             map_html=render_map(state),
-            status=status_md(state, elapsed, notices, explaining=engine.reason is not None),
+            status=status_md(
+                state, elapsed, notices, explaining=engine.reason is not None, ranking=engine.ranking
+            ),
             explanations=explanations_md(state),
             files=export_results(state),
             state=state,
@@ -392,10 +450,17 @@ def search(
     return view
 
 
-def status_md(state: SearchState, elapsed: float, notices: Sequence[str], explaining: bool) -> str:
+def status_md(
+    state: SearchState,
+    elapsed: float,
+    notices: Sequence[str],
+    explaining: bool,
+    ranking: str = Engine.ranking,
+) -> str:
     shown = state.query if len(state.query) <= 160 else state.query[:157] + "…"
+    count = f"**Top {len(state.hits)} tiles**" if len(state.hits) != 1 else "**The top tile**"
     lines = [
-        f"**Top {len(state.hits)} tiles** for “{md_text(shown)}” · {elapsed:.2f} s. "
+        f"{count} for “{md_text(shown)}” · {elapsed:.2f} s · ranked by {ranking}. "
         "Click a thumbnail or a numbered marker to inspect a tile."
     ]
     if explaining:
@@ -425,6 +490,12 @@ def explain(
     except Exception:
         yield View(explanations=f"⚠️ {internal_error('estimating the confidence')}")
         return
+    if engine.evidence is not None:
+        try:
+            marks = {int(h.rank): engine.evidence(state.query, h) for h in state.hits}
+            state = replace(state, marks=marks)
+        except Exception:  # marks are a nicety: the confidence and reasons still come
+            log.exception("evidence failed")
     todo = [int(h.rank) for h in state.hits[: max(0, reason_top)]] if engine.reason else []
     yield View(map_html=render_map(state), explanations=explanations_md(state, todo), state=state)
 

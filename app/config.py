@@ -21,6 +21,7 @@ DEMO_MODEL = DEMO_MODEL_ID  # assembled locally from PyPI packages on first use
 DEMO_ADAPTER = DEMO_DIR / "adapter"  # the vision tower, connector and LoRA we trained (a few MB)
 DEMO_INDEX = DEMO_DIR / "index"
 DEMO_EXAMPLES = DEMO_DIR / "examples.txt"  # one description a line, optional
+DEMO_RANKING = DEMO_DIR / "ranking.json"  # the ranking chosen on the human dev set (demo.evaluate_human)
 
 # Setting -> environment variable; a CLI flag wins over the variable, the variable over the default.
 ENV_VARS: dict[str, str] = {
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hybrid",
         type=float,
         help="weight in [0, 1] of the MLLM score fused with BM25 over the "
-        "tiles' context text (1 = pixels only; default: off)",
+        "tiles' context text (1 = pixels only; default: the demo's choice in assets/demo/ranking.json, "
+        "else off)",
     )
     return p
 
@@ -110,6 +112,8 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     for name in ("concurrency", "port"):
         if values[name] is not None:
             values[name] = int(values[name])
+    if values["hybrid"] is None and values["index"] == str(DEMO_INDEX):
+        values["hybrid"] = demo_ranking_weight()
     if values["hybrid"] is not None:
         values["hybrid"] = float(values["hybrid"])
         if not 0.0 <= values["hybrid"] <= 1.0:
@@ -120,6 +124,17 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         raise SystemExit("--concurrency must be at least 1")
     values["examples"] = read_examples(args.examples)
     return AppConfig(**values)
+
+
+def demo_ranking_weight(path: Path = DEMO_RANKING) -> float | None:
+    """The demo's default hybrid weight, as chosen on the human dev set; None (pixels only) without a choice."""
+    import json
+
+    try:
+        choice = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return float(choice["weight"]) if choice.get("ranking") == "hybrid" else None
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -187,7 +202,7 @@ def load_backend(config: AppConfig) -> Backend:
     except Exception as error:  # any failure here becomes a notice in the page, not a crash
         log.exception("could not load the model or the index")
         return Backend(notice=missing_notice(config, f"loading failed: {type(error).__name__}: {error}"))
-    return Backend(retriever=retriever, index=index, explainer=load_explainer(config, retriever))
+    return Backend(retriever=retriever, index=index, explainer=load_explainer(config, retriever, index))
 
 
 def _is_missing(name: str, value: str) -> bool:
@@ -197,16 +212,23 @@ def _is_missing(name: str, value: str) -> bool:
     return not (name == "model" and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", value))
 
 
-def load_explainer(config: AppConfig, retriever: Any) -> Any:
+def load_explainer(config: AppConfig, retriever: Any, index: Any = None) -> Any:
     """The Explainer when enabled and available; None otherwise (the app then shows similarity confidence)."""
     if config.explain == "off":
         return None
     try:
         from retriever.explain import Explainer
+        from retriever.models.encoder import fast_bf16_cpu
 
         # The adapter is switched off for writing, as the explanations issue asks: measured on the demo, the
         # retrieval LoRA turns SmolLM2's reasons into gibberish. bf16 matmuls keep P(yes) of the top-5 under 1 s.
-        return Explainer(retriever, adapter_off=True, autocast_bf16=retriever.device.type == "cpu")
+        # The index gives the evidence its neighbouring tiles (within 100 m) and the gallery's names.
+        return Explainer(
+            retriever,
+            adapter_off=True,
+            autocast_bf16=retriever.device.type == "cpu" and fast_bf16_cpu(),
+            index=index,
+        )
     except Exception as error:
         if config.explain == "on":
             raise SystemExit(f"--explain on, but the explainer could not be loaded: {error}") from error

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parent.parent  # run as `python -m benchmarks.bench_app` from the repository
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -83,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     t2 = time.perf_counter()
     demo = build_demo(retriever, index, explainer, config.examples)
     t_build = time.perf_counter() - t2
-    engine = callbacks.make_engine(retriever, index, explainer)
+    engine = callbacks.make_engine(retriever, index, explainer, config.hybrid)  # the app's own ranking
 
     queries = [config.examples[i % len(config.examples)] for i in range(args.n)]
     callbacks.search(queries[0], args.k, "", engine)  # warm-up: first-call allocations and caches
@@ -107,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         f"  of which ranking alone: p50 {statistics.median(rank_only) * 1000:.1f} ms   p95 {percentile(rank_only, 95) * 1000:.1f} ms"
     )
     print(f"map iframe size: {len(view.map_html) / 1024:.0f} KiB for K={args.k}")
+    import resource
+
+    print(f"ranking: {engine.ranking}; quantization {config.quantization}")
+    print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     del demo
 
 

@@ -474,6 +474,22 @@ class SceneBuilder:
             else None
         )
 
+    def add_view(
+        self, scene: Scene, p: Point, footprint: shapely.Geometry, seen: Callable[..., Thing]
+    ) -> None:
+        """The far view: landmarks up to LANDMARK_REACH_M and surroundings up to SURROUND_REACH_M, in the tile."""
+        for i in self.thing_tree.query(p.buffer(LANDMARK_REACH_M), predicate="intersects"):
+            row = self.things.iloc[i]
+            if row.geometry.intersects(footprint) and is_landmark(row):
+                ftype = "building" if row["layer"] == "buildings" else f"poi:{row['category']}"
+                scene.landmarks.append(seen(row.geometry, row, ftype))
+        for i in self.area_tree.query(p.buffer(SURROUND_REACH_M), predicate="intersects"):
+            row = self.areas.iloc[i]
+            if row.geometry.intersects(footprint):
+                scene.surroundings.append(seen(row.geometry, row, AREA_TYPES[row["layer"]]))
+        scene.landmarks.sort(key=lambda t: (t.dist, t.name or "", t.kind))
+        scene.surroundings.sort(key=lambda t: (t.dist, t.name or "", t.kind))
+
     def street_spots(self, region: shapely.Geometry) -> list[shapely.Geometry]:
         """Street lines clipped to `region`: where pedestrians stand."""
         idx = self.street_tree.query(region, predicate="intersects")
@@ -564,17 +580,7 @@ class SceneBuilder:
             row = self.areas.iloc[i]
             if row.geometry.intersects(footprint):
                 scene.areas.append(seen(row.geometry, row, AREA_TYPES[row["layer"]]))
-        for i in self.thing_tree.query(p.buffer(LANDMARK_REACH_M), predicate="intersects"):
-            row = self.things.iloc[i]
-            if row.geometry.intersects(footprint) and is_landmark(row):
-                ftype = "building" if row["layer"] == "buildings" else f"poi:{row['category']}"
-                scene.landmarks.append(seen(row.geometry, row, ftype))
-        for i in self.area_tree.query(p.buffer(SURROUND_REACH_M), predicate="intersects"):
-            row = self.areas.iloc[i]
-            if row.geometry.intersects(footprint):
-                scene.surroundings.append(seen(row.geometry, row, AREA_TYPES[row["layer"]]))
-        scene.landmarks.sort(key=lambda t: (t.dist, t.name or "", t.kind))
-        scene.surroundings.sort(key=lambda t: (t.dist, t.name or "", t.kind))
+        self.add_view(scene, p, footprint, seen)
         scene.things.sort(key=lambda t: (t.dist, t.ftype == "building", t.name or "", t.kind))
         names: set[str] = set()
         unique = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,22 +16,21 @@ from retriever._io import write_json_atomic
 from retriever.index import TileIndex
 from retriever.index.hybrid import fuse
 from retriever.models.demo_base import DEMO_MODEL_ID
-from retriever.models.encoder import load_retriever
+from retriever.models.encoder import fast_bf16_cpu, load_retriever
 
 HEADLINE = ("R@1", "R@5", "R@10", "L@100", "R@1_strict", "R@10_strict", "mean_dev_km")
 
 
-def fit_hybrid_weight(
-    similarity: np.ndarray, text_match: np.ndarray, queries: list[dict], tiles: Any
-) -> float:
-    """The fusion weight with the best R@1 on training descriptions (never on the reported set)."""
+def chosen_weight() -> float:
+    """The hybrid weight chosen on the human dev set (1.0, pixels only, when none was chosen)."""
+    import json
 
-    def r1(weight: float) -> float:
-        fused = np.stack([fuse(s, b, weight) for s, b in zip(similarity, text_match)])
-        return evaluate_scores(fused, queries, tiles)["R@1"]
+    from demo.evaluate_human import RANKING
 
-    grid = [round(w, 2) for w in np.linspace(0, 1, 11)]
-    return max(grid, key=lambda w: (r1(w), w))
+    try:
+        return float(json.loads(RANKING.read_text())["weight"])
+    except (OSError, ValueError, KeyError):
+        return 1.0
 
 
 def table(rows: dict[str, dict[str, float]]) -> str:
@@ -51,7 +49,7 @@ def erm_rows(
 
     queries, similarity = queries[:limit], similarity[:limit]
 
-    explainer = Explainer(retriever, adapter_off=True, autocast_bf16=True)  # as the app does
+    explainer = Explainer(retriever, adapter_off=True, autocast_bf16=fast_bf16_cpu())  # as the app does
     tiles = index.tiles
     position = {t: i for i, t in enumerate(tiles["tile_id"])}
     reranked = similarity.copy()  # (Q, G)
@@ -72,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", type=Path, default=ADAPTER, help="trained adapter (default %(default)s)")
     p.add_argument("--index", type=Path, default=INDEX, help="the gallery's index (default %(default)s)")
     p.add_argument(
-        "--fit-queries", type=int, default=500, help="training descriptions used to fit the hybrid weight"
+        "--hybrid-weight",
+        type=float,
+        help="fusion weight (default: the one chosen on the human dev set, assets/demo/ranking.json)",
     )
     p.add_argument(
         "--erm", type=int, default=0, help="also measure ERM re-ranking of the top-5 on this many queries"
@@ -85,7 +85,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate and print the table; returns the figures (also written to --out when given)."""
     args = build_parser().parse_args(argv)
     val = read_records(args.gallery / "descriptions_val.jsonl")
-    train = read_records(args.gallery / "descriptions_train.jsonl")
     require(args.adapter, "train it first: python -m demo.train_demo")
     require(
         args.index,
@@ -95,21 +94,21 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     retriever = load_retriever(DEMO_MODEL_ID, adapter=args.adapter, device="cpu")
     index = TileIndex.load(args.index, retriever=retriever)
     tiles = index.tiles
-    fit = random.Random(0).sample(train, args.fit_queries)
     embeddings = np.asarray(index.embeddings, dtype=np.float32)  # (G, D)
-    contexts = [str(c) for c in tiles["features"]]
+    column = "context" if "context" in tiles.columns else "features"
+    contexts = [str(c) for c in tiles[column]]
 
     def similarity(queries: list[dict]) -> np.ndarray:
         return retriever.encode_queries([q["text"] for q in queries], batch_size=64).numpy() @ embeddings.T
 
-    sim_val, sim_fit = similarity(val), similarity(fit)  # (Q, G)
+    sim_val = similarity(val)  # (Q, G)
     bm25_val = bm25_scores([q["text"] for q in val], contexts)  # (Q, G)
-    bm25_fit = bm25_scores([q["text"] for q in fit], contexts)
-    weight = fit_hybrid_weight(sim_fit, bm25_fit, fit, tiles)
+    # Never fitted on training descriptions (the model is over-confident there): the human dev set chooses it.
+    weight = args.hybrid_weight if args.hybrid_weight is not None else chosen_weight()
     reference = baselines(tiles, val)
     rows = {
         "random (mean of 50)": reference["random"],
-        "BM25 over tile context (reads metadata)": evaluate_scores(bm25_val, val, tiles),
+        f"BM25 over tile {column} (reads metadata)": evaluate_scores(bm25_val, val, tiles),
         "MLLM, pixels only": evaluate_scores(sim_val, val, tiles),
         f"hybrid MLLM + BM25 (w={weight})": evaluate_scores(
             np.stack([fuse(s, b, weight) for s, b in zip(sim_val, bm25_val)]), val, tiles

@@ -25,6 +25,7 @@ from retriever.index.hybrid import fuse
 
 EVAL = ASSETS / "eval"
 SPLITS = {"dev": EVAL / "human_dev.jsonl", "test": EVAL / "human_test.jsonl"}
+RANKING = ASSETS / "ranking.json"  # the app's default ranking for the demo (app/config.py reads it)
 WEIGHTS = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 21))  # hybrid weight grid
 FIT_METRIC = "L@150"
 
@@ -175,6 +176,24 @@ def evaluate(
     return report
 
 
+REGRESSION_SLICE = 60  # the first dev queries a test re-scores with the committed model
+
+
+def slice_figures(similarity: np.ndarray, bm25: np.ndarray, data: HumanSet, tiles, weight: float) -> dict:
+    """L@150 and hit@5 with intervals on the first REGRESSION_SLICE queries: pixels only and the app default."""
+    rows = np.arange(min(REGRESSION_SLICE, len(data.queries)))
+    part = subset(data, rows)
+    orders = {
+        "pixel-only MLLM": order_of(similarity[rows]),
+        "app default": order_of(fuse_all(similarity[rows], bm25[rows], weight)),
+    }
+    out = {}
+    for name, order in orders.items():
+        figures = summarise(per_query(order, part, tiles), np.arange(len(rows)))
+        out[name] = {m: figures[m] for m in ("L@150", "hit@5")}
+    return {"n": int(len(rows)), "weight": weight, "rankings": out}
+
+
 def markdown(report: dict) -> str:
     """The report as a markdown table: value [low, high] per metric."""
     metrics = ("L@100", "L@150", "hit@1", "hit@5", "err_m")
@@ -216,8 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", type=Path, default=ASSETS / "adapter")
     p.add_argument("--quantization", choices=("none", "4bit"), default="none")
     p.add_argument("--context", action="append", help="tile context column(s) for BM25 (default: all known)")
+    p.add_argument("--gallery", type=Path, help="take the tiles' context columns from this gallery folder")
     p.add_argument("--hybrid-weight", type=float, help="also rank at this fixed weight")
     p.add_argument("--out", type=Path, help="write the report as JSON")
+    p.add_argument(
+        "--write-ranking", action="store_true", help=f"write the dev set's choice to {RANKING.name}"
+    )
     return p
 
 
@@ -225,19 +248,53 @@ def run(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     data = read_human(SPLITS[args.split])
     similarity, tiles = similarity_matrix(args.index, args.adapter, data, args.quantization)
+    if args.gallery is not None:  # context columns of a (re)built gallery, joined by tile id
+        import geopandas as gpd
+
+        extra = gpd.read_parquet(args.gallery / "tiles.parquet").set_index("tile_id")
+        for column in ("features", "context"):
+            if column in extra.columns:
+                tiles = tiles.assign(**{column: extra.loc[tiles["tile_id"], column].to_numpy()})
     columns = args.context or [c for c in ("features", "context") if c in tiles.columns]
     missing = [c for c in columns if c not in tiles.columns]
     if missing:
         raise ValueError(f"the index has no column(s) {missing}; it has {list(tiles.columns)}")
-    report = evaluate(
-        similarity, {c: [str(t) for t in tiles[c]] for c in columns}, data, tiles, args.hybrid_weight
-    )
+    contexts = {c: [str(t) for t in tiles[c]] for c in columns}
+    report = evaluate(similarity, contexts, data, tiles, args.hybrid_weight)
     report["split"] = args.split
+    if args.split == "dev":
+        matcher = ContextMatcher(contexts[columns[-1]])
+        bm25 = np.stack([matcher.scores(q) for q in data.queries])  # (Q, N)
+        weight = choose_ranking(report)["weight"]
+        report["regression_slice"] = slice_figures(similarity, bm25, data, tiles, weight)
     print(markdown(report))
     print(f"hybrid weight fitted on all of {args.split}: {report['hybrid_weight_fitted']}")
     if args.out:
         write_json_atomic(args.out, report)
+    if args.write_ranking:
+        if args.split != "dev":
+            raise ValueError("--write-ranking chooses on the dev split only")
+        choice = choose_ranking(report)
+        write_json_atomic(RANKING, choice)
+        print(f"wrote {RANKING}: {choice}")
     return report
+
+
+def choose_ranking(report: dict) -> dict:
+    """The app's default: the cross-validated hybrid when it beats pixels only on FIT_METRIC, else pixels."""
+    table = report["rankings"]
+    pixel = table["pixel-only MLLM"]["all"][FIT_METRIC][0]
+    hybrid_name = next(name for name in table if name.endswith("weight cross-validated"))
+    hybrid = table[hybrid_name]["all"][FIT_METRIC][0]
+    chosen = "hybrid" if hybrid > pixel else "pixels"
+    return {
+        "ranking": chosen,
+        "weight": float(report["hybrid_weight_fitted"]) if chosen == "hybrid" else 1.0,
+        "fitted_on": "assets/demo/eval/human_dev.jsonl, 5-fold cross-validated",
+        "metric": FIT_METRIC,
+        "pixel_only": pixel,
+        "hybrid_cross_validated": hybrid,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from retriever.evaluate.metrics import first_relevant, haversine_km, recall_at_k
 from retriever.models.adapters import add_adapter, save_adapter
 from retriever.models.backbones import LLM_PROJECTIONS, get_attr_path
 from retriever.models.demo_base import DEMO_MODEL_ID, TRAINED_MODULES
-from retriever.models.encoder import Retriever, load_retriever
+from retriever.models.encoder import Retriever, fast_bf16_cpu, load_retriever
 from retriever.models.pooling import get_pooler
 from retriever.train.losses import LearnableTemperature
 
@@ -285,7 +285,7 @@ def stage_query_side(
     while stage.running():
         _schedule(optimizer, base_lrs, stage.step, stage.progress)
         picks = random.sample(range(len(states)), min(args.query_batch, len(states)))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16_cpu()):
             q = query_path.embed([states[i] for i in picks])  # (B, D)
         logits = q.float() @ torch.nn.functional.normalize(tile_vectors, dim=-1).T / temperature()  # (B, G)
         loss = torch.nn.functional.cross_entropy(logits, target[picks])
@@ -342,7 +342,7 @@ def stage_vision(
     while stage.running():
         _schedule(optimizer, base_lrs, stage.step, stage.progress)
         chosen = random.sample(range(len(ids)), min(args.tile_batch, len(ids)))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16_cpu()):
             t = r.embed(r.process_tiles([gallery.images[ids[i]] for i in chosen]))  # (B, D)
         t = t.float()
         logits = t @ teacher.T / 0.05  # (B, G): each tile must land on its own vector, not a neighbour's

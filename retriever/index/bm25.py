@@ -9,7 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 
 TOKEN = re.compile(r"[a-z0-9]+")
-CONTEXT_COLUMN = "features"  # the context column the demo gallery and the app fuse with (OSM names per tile)
+# The context columns hybrid search reads, richest first: "context" (names plus the words people use for each
+# feature's kind) and "features" (names and kinds only), as the demo gallery writes them.
+CONTEXT_COLUMNS = ("context", "features")
 # Function words and the scaffolding of a pedestrian's description: they name no place, so they only add noise.
 STOPWORDS = frozenset(
     """

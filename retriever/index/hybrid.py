@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
-from retriever.index.bm25 import CONTEXT_COLUMN
 from retriever.index.hits import Hit
 from retriever.index.tile_index import QueryEncoder, TileIndex
 
@@ -32,7 +31,7 @@ def hybrid_search(
     text: str,
     k: int,
     weight: float = 0.5,
-    column: str = CONTEXT_COLUMN,
+    column: str | None = None,
     within: str | Path | BaseGeometry | np.ndarray | None = None,
 ) -> list[Hit]:
     """Rank the whole index by fuse(MLLM similarity, BM25 over `column`); hits keep their MLLM similarity as score."""

@@ -17,7 +17,7 @@ from shapely.geometry.base import BaseGeometry
 from retriever._io import pick_device
 from retriever.errors import CorruptIndexError, IndexMismatchError
 from retriever.index.backends import BACKENDS, resolve_backend, stored_options
-from retriever.index.bm25 import CONTEXT_COLUMN, ContextMatcher
+from retriever.index.bm25 import CONTEXT_COLUMNS, ContextMatcher
 from retriever.index.hits import Hit, json_safe
 from retriever.index.layout import TILES, open_embeddings, read_manifest, stored_fingerprint
 from retriever.index.spatial import parse_within, select
@@ -217,8 +217,11 @@ class TileIndex:
         texts = [texts] if isinstance(texts, str) else list(texts)
         return self.search(retriever.encode_queries(texts), k, within)
 
-    def context_matcher(self, column: str = CONTEXT_COLUMN) -> ContextMatcher:
-        """BM25 over one context column of the tiles, built on first use and kept (its statistics never change)."""
+    def context_matcher(self, column: str | None = None) -> ContextMatcher:
+        """BM25 over one context column of the tiles (default: the richest of CONTEXT_COLUMNS present), built on
+        first use and kept (its statistics never change)."""
+        if column is None:
+            column = next((c for c in CONTEXT_COLUMNS if c in self.tiles.columns), CONTEXT_COLUMNS[-1])
         if column not in self.tiles.columns:
             raise ValueError(
                 f"The index has no context column {column!r}; columns: {', '.join(self.context_columns)}"

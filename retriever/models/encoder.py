@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -232,6 +233,20 @@ class Retriever:
 
 # -------------------------------------------------------------------------------------------------------------
 # Loading
+
+
+@functools.cache
+def fast_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16).
+
+    Elsewhere oneDNN emulates bf16 and a matmul is about 100x slower than in fp32 (measured on this project's
+    2-core CI machine), so CPU autocast must be switched on only where this is true.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume emulation, the safe choice
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:

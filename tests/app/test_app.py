@@ -9,7 +9,7 @@ import re
 import sys
 import types
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from shapely.geometry import Polygon, box
 
 from app import callbacks, maps
 from app.callbacks import Engine, SearchState, UserInputError
-from app.config import AppConfig, load_backend, parse_config
+from app.config import AppConfig, demo_ranking_weight, load_backend, parse_config
 from tests.fakes import COLOURS, PALETTE, FakeRetriever, solid_tile
 
 XSS_QUERY = "red <script>alert(1)</script> <img src=x onerror=alert(1)> ${alert(3)} `tick` C:\\users"
@@ -464,7 +464,10 @@ def test_config_flags_override_env_over_defaults(tmp_path: Path) -> None:
         7999,
     )
     default = parse_config([], environ={})
-    assert default == AppConfig(examples=default.examples) and default.examples
+    assert default == AppConfig(examples=default.examples, hybrid=demo_ranking_weight()) and default.examples
+    assert (
+        parse_config(["--index", "other"], environ={}).hybrid is None
+    )  # the demo's choice is the demo's only
     examples = tmp_path / "ex.txt"
     examples.write_text("# comment\nfirst example\n\nsecond example\n")
     assert parse_config(["--examples", str(examples)], environ={}).examples == [
@@ -473,6 +476,22 @@ def test_config_flags_override_env_over_defaults(tmp_path: Path) -> None:
     ]
     with pytest.raises(SystemExit):
         parse_config(["--basemap", "google"], environ={})
+
+
+def test_demo_ranking_choice_is_read_from_its_file(tmp_path: Path) -> None:
+    choice = tmp_path / "ranking.json"
+    choice.write_text(json.dumps({"ranking": "hybrid", "weight": 0.35}))
+    assert demo_ranking_weight(choice) == 0.35
+    choice.write_text(json.dumps({"ranking": "pixels", "weight": 1.0}))
+    assert demo_ranking_weight(choice) is None
+    choice.write_text("{not json")
+    assert demo_ranking_weight(choice) is None and demo_ranking_weight(tmp_path / "absent.json") is None
+
+
+def test_status_names_the_ranking_and_counts_in_good_grammar() -> None:
+    state = callbacks.SearchState(query="a church", hits=[object()], confidences=[0.5], basemap="offline")
+    one = callbacks.status_md(state, 0.1, [], explaining=False, ranking="hybrid: 0.3 × MLLM")
+    assert "The top tile" in one and "Top 1 tiles" not in one and "ranked by hybrid: 0.3 × MLLM" in one
 
 
 def test_missing_model_or_index_gives_a_notice_not_a_crash(tmp_path: Path) -> None:
@@ -561,3 +580,51 @@ def test_relevance_heatmap_is_shown_for_the_selected_tile_only() -> None:
         raise RuntimeError("no gradients today")
 
     assert relevance_heatmap(state, 0, Engine(rank=engine.rank, heatmap=broken)) is None
+
+
+class EvidenceExplainer(FakeExplainer):
+    """FakeExplainer plus evidence marks: the query's first word in the tile, its last a miss."""
+
+    def evidence(self, query: str, hit: Any) -> Any:
+        words = query.split()
+        match = types.SimpleNamespace
+        matches = [
+            match(mention=match(surface=words[0]), status="tile", matched=f"{words[0]} (kind)"),
+            match(mention=match(surface=words[-1]), status="miss", matched=words[-1]),
+            match(mention=match(surface="\u202eevil"), status="nearby", matched="x"),
+        ]
+        return types.SimpleNamespace(matches=matches)
+
+
+def test_evidence_marks_are_shown_escaped_and_isolated(backend: tuple[FakeRetriever, Any]) -> None:
+    engine = callbacks.make_engine(*backend, explainer=EvidenceExplainer())
+    query = "magenta <img src=x onerror=alert(1)>"
+    first = callbacks.search(query, 3, "", engine)
+    views = list(callbacks.explain(first.state, engine, reason_top=1, interval_s=0.0))
+    final = views[-1].state
+    assert final.marks[1][0] == ("magenta", "tile", "magenta (kind)")
+    panel = next(v.explanations for v in reversed(views) if v.explanations)
+    assert "✓ \u2068magenta\u2069" in panel and "✗ \u2068onerror=alert\\(1\\)&gt;\u2069" in panel
+    assert "≈ nearby \u2068\u202eevil\u2069" in panel  # a right-to-left override stays inside its isolate
+    page = html.unescape(next(v.map_html for v in reversed(views) if v.map_html).split('srcdoc="', 1)[1])
+    assert '<span class="mark tile" title="in this tile: magenta (kind)">✓ <bdi>magenta</bdi></span>' in page
+    assert "<bdi>onerror=alert(1)&gt;</bdi>" in page
+    for live in LIVE_MARKUP:
+        assert live not in page and live not in panel
+    geojson = json.loads(Path(views[-1].files[0]).read_text())
+    assert geojson["features"][0]["properties"]["evidence"].startswith("✓ magenta; ✗ onerror")
+
+
+def test_erm_reranks_the_search_only_when_the_calibration_asks(backend: tuple[FakeRetriever, Any]) -> None:
+    class Reranking(EvidenceExplainer):
+        reranks = True
+
+        def rerank(self, query: str, hits: Sequence[Any], k: int = 5) -> list[Any]:
+            head = list(reversed(hits[:k]))
+            return [replace(h, rank=i + 1) for i, h in enumerate(head + list(hits[k:]))]
+
+    plain = callbacks.make_engine(*backend, explainer=EvidenceExplainer())
+    erm = callbacks.make_engine(*backend, explainer=Reranking())
+    before = [h.tile_id for h in plain.rank("magenta", 5, None)]
+    assert [h.tile_id for h in erm.rank("magenta", 5, None)] == before[::-1]
+    assert "ERM" in erm.ranking and "ERM" not in plain.ranking

@@ -219,3 +219,40 @@ def test_bbox_must_be_ordered(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "error: --bbox must be west,south,east,north" in capsys.readouterr().err
     with pytest.raises(ValueError, match="stride"):
         build_gallery.make_grid(CUT, 100, 150)
+
+
+def test_layers_carry_presets_and_looks(layers: osm.Layers) -> None:
+    pois = layers["pois"]
+    arthur = pois[pois["name"] == KNOWN_POI[0]]
+    assert list(arthur["preset"]) == ["tourism/hotel"]  # matched to iD's preset, the way iD matches
+    assert layers["buildings"]["preset"].notna().all()
+    assert osm.looks({"building:colour": "white", "roof:shape": "dome", "building:levels": "8"}) == (
+        "tall white domed"
+    )
+    assert osm.looks({"building:colour": "#f0e6d2"}) == ""  # a hex colour is nothing a person says
+
+
+def test_preset_words_are_place_nouns_split_by_phrasing() -> None:
+    train = descriptions.preset_words("amenity/place_of_worship/christian", "train")
+    val = descriptions.preset_words("amenity/place_of_worship/christian", "val")
+    assert train[0] == val[0] == "christian church"  # the preset's name is shared, as people share it
+    assert set(train[1:]).isdisjoint(val[1:]) and "cathedral" in train + val
+    assert "bras" not in descriptions.preset_words("shop/clothes", "train")  # iD terms for goods are dropped
+    assert descriptions.preset_words(None, "train") == ()
+
+
+def test_descriptions_use_preset_words_and_landmark_plans(
+    gallery: Path, tiles: gpd.GeoDataFrame, layers: osm.Layers
+) -> None:
+    records = _records(gallery, "train")
+    plans = {r["template"] for r in records}
+    assert {"train:landmark_first", "train:look_landmark", "train:look_around"} <= plans
+    kinds = {k for (_, k) in osm.POI_KINDS.values()}
+    presets = set(layers["pois"]["preset"].dropna()) | set(layers["buildings"]["preset"].dropna())
+    preset_only = {w for p in presets for w in descriptions.preset_words(p, "train")} - kinds
+    text = " ".join(r["text"].lower() for r in records)
+    assert sum(w in text for w in preset_only) >= 5  # words osm.py's own kind words never produce
+    look = [r for r in records if r["template"].startswith("train:look_")]
+    names = {n.split(" (")[0].lower() for n in tiles["features"].str.split("; ").explode().dropna()}
+    named = [r for r in look if any(n in r["text"].lower() for n in names if len(n) > 6)]
+    assert look and len(named) <= 0.2 * len(look)  # the landmark plans read no signs

@@ -1,0 +1,46 @@
+"""The committed demo model on a fixed slice of the human dev set: its figures must not drop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from demo import ASSETS
+from demo.evaluate_human import SPLITS, read_human, similarity_matrix, slice_figures
+from retriever.index.bm25 import ContextMatcher
+
+QUALITY = ASSETS / "quality_human.json"
+
+pytestmark = pytest.mark.demo
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    return json.loads(QUALITY.read_text())["regression_slice"]
+
+
+def test_the_human_dev_set_is_well_formed() -> None:
+    for split, path in SPLITS.items():
+        data = read_human(path)
+        assert len(data.queries) >= (150 if split == "dev" else 50)
+        assert 0.3 <= data.has_name.mean() <= 0.5  # both kinds of description, names and no names
+        words = [len(q.split()) for q in data.queries]
+        assert min(words) >= 6 and max(words) <= 60
+    dev, test = (set(read_human(p).queries) for p in SPLITS.values())
+    assert not dev & test
+
+
+def test_committed_model_keeps_its_figures_on_the_dev_slice(recorded: dict) -> None:
+    data = read_human(SPLITS["dev"])
+    similarity, tiles = similarity_matrix(ASSETS / "index", ASSETS / "adapter", data, "none")
+    column = "context" if "context" in tiles.columns else "features"
+    matcher = ContextMatcher([str(c) for c in tiles[column]])
+    bm25 = np.stack([matcher.scores(q) for q in data.queries])  # (Q, N)
+    now = slice_figures(similarity, bm25, data, tiles, recorded["weight"])
+    assert now["n"] == recorded["n"]
+    for ranking, figures in recorded["rankings"].items():
+        for metric, (value, low, high) in figures.items():
+            allowed = value - (high - low) / 2  # not worse than the bootstrap half-interval
+            assert now["rankings"][ranking][metric][0] >= allowed - 1e-9, (ranking, metric)
