@@ -69,7 +69,8 @@ MAP_CSS = """
 .geotext-popup img{display:block;width:150px;height:150px;object-fit:contain;margin:4px 0;border-radius:4px;background:#eee}
 .geotext-popup table{border-collapse:collapse;margin:4px 0}
 .geotext-popup th{text-align:left;padding-right:8px;font-weight:600}
-.geotext-popup .q,.geotext-popup .why{margin:4px 0;white-space:pre-wrap;overflow-wrap:anywhere}
+.geotext-popup .q,.geotext-popup .why,.geotext-popup .marks{margin:4px 0;white-space:pre-wrap;overflow-wrap:anywhere}
+.geotext-popup .mark.tile{color:#1a7f37}.geotext-popup .mark.miss{color:#b42318}.geotext-popup .mark.nearby{color:#8a6d00}
 .geotext-popup .muted{color:#777}
 .leaflet-container{background:#e8e8e8}
 """
@@ -227,12 +228,33 @@ class _OpenPopup(folium.MacroElement):
 
 
 # --- The map ------------------------------------------------------------------------------------
+MARK_SYMBOLS = {"tile": "✓", "nearby": "≈ nearby", "miss": "✗"}  # evidence status -> what the page shows
+MARK_TITLES = {"tile": "in this tile", "nearby": "within 100 m of this tile", "miss": "not in this tile"}
+
+
+def marks_html(marks: Sequence[tuple[str, str, str]] | None) -> str:
+    """The query's words with ✓ / ≈ nearby / ✗ marks; words escaped and isolated (<bdi>) from the layout."""
+    if not marks:
+        return ""
+    spans = []
+    for surface, status, matched in marks:
+        title = MARK_TITLES.get(status, "")
+        if matched and status != "miss":
+            title = f"{title}: {matched}"
+        spans.append(
+            f'<span class="mark {text(status)}" title="{text(title)}">{text(MARK_SYMBOLS.get(status, "?"))} '
+            f"<bdi>{text(surface)}</bdi></span>"
+        )
+    return f'<div class="marks"><b>Evidence:</b> {" · ".join(spans)}</div>'
+
+
 def popup_html(
     hit: HitLike,
     query: str,
     confidence: float | None,
     reason: str | None,
     thumb_uri: str | None,
+    marks: Sequence[tuple[str, str, str]] | None = None,
 ) -> str:
     """The popup of one tile; every value is escaped, since jQuery parses this as live HTML."""
     rows = [
@@ -248,10 +270,10 @@ def popup_html(
         if thumb_uri
         else '<div class="muted">thumbnail unavailable</div>'
     )
-    why = f'<div class="why"><b>Why:</b> {text(reason)}</div>' if reason else ""
-    query_html = f'<div class="q"><b>Query:</b> {text(query)}</div>' if query else ""
+    why = f'<div class="why"><b>Why:</b> <bdi>{text(reason)}</bdi></div>' if reason else ""
+    query_html = f'<div class="q"><b>Query:</b> <bdi>{text(query)}</bdi></div>' if query else ""
     link = f'<a href="{text(osm_url(hit.lat, hit.lon))}" target="_blank" rel="noopener noreferrer">Open in OpenStreetMap</a>'
-    return f'<div class="geotext-popup">{image}<table>{table}</table>{query_html}{why}{link}</div>'
+    return f'<div class="geotext-popup">{image}<table>{table}</table>{query_html}{marks_html(marks)}{why}{link}</div>'
 
 
 def hits_to_map(
@@ -262,10 +284,11 @@ def hits_to_map(
     focus: int | None = None,
     basemap: str = "offline",
     overlays: bool = True,
+    marks: Mapping[int, Sequence[tuple[str, str, str]]] | None = None,
 ) -> folium.Map:
     """Numbered markers, rank-coloured footprints and thumbnail overlays of the hits, fitted to them.
 
-    `reasons` maps a rank to its explanation; `focus` (a rank) zooms to that tile and opens its popup.
+    `reasons` maps a rank to its explanation, `marks` to its evidence marks; `focus` (a rank) zooms to that tile and opens its popup.
     """
     if basemap not in BASEMAPS:
         raise ValueError(f"unknown basemap {basemap!r}; choose one of {sorted(BASEMAPS)}")
@@ -298,7 +321,15 @@ def hits_to_map(
         ).add_to(footprint_group)
         confidence = confidences[i] if confidences is not None and i < len(confidences) else None
         popup = folium.Popup(
-            popup_html(hit, query, confidence, reasons.get(int(hit.rank)), thumb_uri), max_width=260
+            popup_html(
+                hit,
+                query,
+                confidence,
+                reasons.get(int(hit.rank)),
+                thumb_uri,
+                (marks or {}).get(int(hit.rank)),
+            ),
+            max_width=260,
         )
         marker = folium.Marker(
             location=[float(hit.lat), float(hit.lon)],

@@ -172,8 +172,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if erm["L@150_after"] >= erm["L@150_before"] + ERM_MIN_GAIN and erm["hit@1_after"] >= erm["hit@1_before"]:
         rerank_weight = float(np.median(fold_weights))
     report = {
-        "fitted_on": f"assets/demo/eval/human_dev.jsonl, {'top-1' if fit_on == 'top1' else 'top-5'} hits, "
-        "5-fold cross-validated (held-out figures)",
+        "fitted_on": f"all of assets/demo/eval/human_dev.jsonl, {'top-1' if fit_on == 'top1' else 'top-5'} hits; "
+        "the held_out figures are 5-fold cross-validated",
         "label": f"hit centre within {RADIUS_M:.0f} m of the true point",
         "ranking": ranking,
         "fit_on": fit_on,

@@ -28,6 +28,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(0o644)  # mkstemp makes it owner-only; an artefact is read by others (a Space, a web server)
     try:
         yield tmp
         with open(tmp, "rb") as handle:

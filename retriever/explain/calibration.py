@@ -105,15 +105,39 @@ class Calibration:
     bias: float = 0.0
     rerank_weight: float = DEFAULT_RERANK_WEIGHT
     report: dict[str, Any] = field(default_factory=dict)  # how it was fitted: ECE / R@1 before and after, n
+    w_margin: float = 0.0  # x (s_i - best other s) / T: how far this hit stands out from the rest
+    w_share: float = 0.0  # x the evidence support share of the hit (retriever.explain.evidence)
+    w_relative: float = 0.0  # x (its share - the best share among the other hits)
+    w_names: float = 0.0  # x the share of the query's names and streets that the tile supports
 
-    def confidence(self, scores: np.ndarray, p_yes: np.ndarray) -> np.ndarray:
-        """(k,) similarity scores of one query's top-k and (k,) P(yes) -> (k,) confidences in [0, 1]."""
-        z = (
-            self.w_sim * logit(similarity_probs(scores, self.temperature))
-            + self.w_yes * logit(p_yes)
-            + self.bias
+    @property
+    def uses_p_yes(self) -> bool:
+        return self.w_yes != 0.0
+
+    @property
+    def uses_evidence(self) -> bool:
+        return any(w != 0.0 for w in (self.w_share, self.w_margin, self.w_relative, self.w_names))
+
+    def confidence(
+        self,
+        scores: np.ndarray,
+        p_yes: np.ndarray | None = None,
+        share: np.ndarray | None = None,
+        name_share: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """(k,) similarity scores of one query's top-k, (k,) P(yes), (k,) support and name shares -> (k,).
+
+        Each of P(yes) and the shares may be None when its weight is 0 (it then counts as 0).
+        """
+        x = confidence_features(scores, self.temperature, share, p_yes, name_share)  # (k, 7)
+        return sigmoid(x @ self.weights)
+
+    @property
+    def weights(self) -> np.ndarray:
+        """(7,) in the column order of confidence_features."""
+        return np.array(
+            [self.w_sim, self.w_margin, self.w_share, self.w_relative, self.w_names, self.w_yes, self.bias]
         )
-        return sigmoid(z)
 
     def save(self, path: str | Path) -> Path:
         """Write the calibration as JSON, atomically."""
@@ -133,6 +157,70 @@ class Calibration:
             if folder and (Path(folder) / CALIBRATION_FILE).is_file():
                 return cls.load(Path(folder) / CALIBRATION_FILE)
         return None
+
+
+def margins(scores: np.ndarray) -> np.ndarray:
+    """(k,) -> (k,): each score less the best of the others (positive only for a top-1 that stands out)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size < 2:
+        return np.zeros_like(s)
+    order = np.argsort(-s, kind="stable")
+    best, second = s[order[0]], s[order[1]]
+    return s - np.where(np.arange(s.size) == order[0], second, best)
+
+
+FEATURE_NAMES = ("w_sim", "w_margin", "w_share", "w_relative", "w_names", "w_yes", "bias")
+
+
+def confidence_features(
+    scores: np.ndarray,
+    temperature: float,
+    share: np.ndarray | None = None,
+    p_yes: np.ndarray | None = None,
+    name_share: np.ndarray | None = None,
+) -> np.ndarray:
+    """(k,) -> (k, 7): logit softmax(s / T), margin / T, share, share - best other share, name share,
+    logit P(yes), 1 (the columns of FEATURE_NAMES)."""
+    s = np.asarray(scores, dtype=np.float64)
+    zeros = np.zeros_like(s)
+    sh = zeros if share is None else np.asarray(share, dtype=np.float64)
+    return np.stack(
+        [
+            logit(similarity_probs(s, temperature)),
+            margins(s) / temperature,
+            sh,
+            margins(sh),
+            zeros if name_share is None else np.asarray(name_share, dtype=np.float64),
+            zeros if p_yes is None else logit(p_yes),
+            np.ones_like(s),
+        ],
+        axis=1,
+    )
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula, ties counted half; nan without both."""
+    x = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(x.size)
+    sorted_x = x[order]
+    i = 0
+    while i < x.size:  # average ranks over ties
+        j = i
+        while j + 1 < x.size and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> np.ndarray:
+    """L2-regularised logistic regression (last column the unpenalised bias): (N, F), (N,) -> (F,)."""
+    return _fit_logistic(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), l2=l2)
 
 
 def _flatten(examples: Sequence[ValExample]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:

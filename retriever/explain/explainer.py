@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -18,12 +19,14 @@ from PIL import Image
 
 from retriever.errors import RetrieverError
 from retriever.explain import heatmap as heatmaps
-from retriever.explain.calibration import Calibration, ValExample, erm_order
+from retriever.explain.calibration import Calibration, ValExample, erm_order, logit
+from retriever.explain.evidence import CheckedReason, Evidence, EvidenceFinder, check_reason
 from retriever.explain.prompts import (
     PLAIN_LEADS,
     build_prompt,
+    evidence_request,
+    evidence_text,
     match_question,
-    reason_request,
     yes_no_token_ids,
 )
 from retriever.models.images import ImageLike
@@ -35,6 +38,12 @@ if TYPE_CHECKING:
 
     from retriever.models.encoder import Retriever
 
+REASON_TOKENS = 40  # the LM's sentence: cut back to its last sentence end
+NO_REPEAT_NGRAM = 3  # no word 3-gram twice: no "a cinema, a cinema, a cinema"
+REPETITION_PENALTY = 1.3
+ANSWER_START = "The tile shows"  # the LM's sentence opens so, which keeps a small LM on the tile
+REASON_MAX_S = 3.0  # the LM's time budget per reason (the evidence sentence is shown before it starts)
+NO_MENTION_CAP = 0.05  # confidence of a query that mentions nothing the map data could check
 P_YES_CACHE_SIZE = 64  # (query, tiles) -> P(yes): confidence and rerank of one search share a forward
 MLLM_PARTS = ("model", "processor", "tokenizer", "family", "config")  # what an explained retriever must have
 
@@ -99,6 +108,23 @@ class _StopFlag:
         )
 
 
+class _SentenceEnd:
+    """A StoppingCriteria that ends generation once the new tokens hold a complete sentence of >= 3 words,
+    or a line break (after which a small LM starts lists, numbers and footnotes)."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        text = self.tokenizer.decode(input_ids[0, self.prompt_length :], skip_special_tokens=True)
+        stripped = text.strip()
+        done = len(text.split()) >= 3 and (
+            bool(re.search(r"[.!?](\s|$)", stripped + " ")) or "\n" in stripped
+        )
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
 class Explainer:
     """Reasons, confidence, ERM re-ranking and heatmaps for the hits of a Retriever.
 
@@ -119,6 +145,8 @@ class Explainer:
         adapter_off: bool = True,
         cache_size: int = P_YES_CACHE_SIZE,
         autocast_bf16: bool = False,
+        index: Any = None,
+        vocabulary: Any = None,
     ) -> None:
         missing = [a for a in MLLM_PARTS if not hasattr(retriever, a)]
         if missing:
@@ -139,6 +167,31 @@ class Explainer:
             self.calibration.temperature = float(temperature)
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        # a TileIndex or its tile table: neighbours within 100 m and the gallery's names, for the evidence
+        self._index_tiles = getattr(index, "tiles", index)
+        self._vocabulary = vocabulary
+        self._finder: EvidenceFinder | None = None
+        self._finder_lock = threading.Lock()
+        self.reason_max_s = REASON_MAX_S
+        self.answer_start = ANSWER_START
+        self.last_checked: CheckedReason | None = None  # the latest reason's check, for benchmarks
+
+    @property
+    def finder(self) -> EvidenceFinder:
+        """The evidence finder over the index's tiles, built on first use (it loads the vocabulary)."""
+        with self._finder_lock:
+            if self._finder is None:
+                self._finder = EvidenceFinder(self._index_tiles, self._vocabulary)
+            return self._finder
+
+    @property
+    def reranks(self) -> bool:
+        """Whether the calibration asks for ERM by the evidence confidence (fitted, and it helped on dev)."""
+        return self.calibration.uses_evidence and self.calibration.rerank_weight < 1.0
+
+    def evidence(self, query: str, hit: HitLike) -> Evidence:
+        """What the hit's tile (and its neighbours within 100 m) supports of the query, and what it misses."""
+        return self.finder.evidence(query, hit)
 
     def _load_calibration(self, calibration: Calibration | str | Path | None) -> Calibration:
         """A copy of the given calibration, the one saved with the adapter or the model, or the defaults."""
@@ -169,11 +222,14 @@ class Explainer:
                 self.retriever.model.train(was_training)
 
     def _inputs(
-        self, tiles: Sequence[ImageLike], bodies: Sequence[str], lead: str
+        self, tiles: Sequence[ImageLike], bodies: Sequence[str], lead: str, answer_start: str = ""
     ) -> dict[str, torch.Tensor]:
-        """Prompts (image + text) for k tiles as one right-padded batch on the model's device."""
+        """Prompts (image + text) for k tiles as one right-padded batch on the model's device; `answer_start`
+        opens the model's answer (it continues from there)."""
         r = self.retriever
         texts = [build_prompt(r.tokenizer, r.family.image_placeholder, body, lead) for body in bodies]
+        if answer_start:
+            texts = [t + ("" if t.endswith(("\n", " ")) else " ") + answer_start for t in texts]
         # right padding: real tokens keep positions 0..L-1, so a row alone equals the row in a batch
         return r.to_device(r.process_tiles(tiles, prompts=texts, padding_side="right"))
 
@@ -234,11 +290,28 @@ class Explainer:
         return out
 
     def confidence(self, query: str, hits: Sequence[HitLike]) -> list[float]:
-        """Calibrated confidence in [0, 1] per hit, from the similarity softmax over these hits and P(yes)."""
+        """Calibrated confidence in [0, 1] per hit: similarity softmax and margin, evidence share, P(yes).
+
+        P(yes) is computed only when the calibration gives it a weight. A query that mentions nothing the
+        map data can check gets at most NO_MENTION_CAP.
+        """
         if not hits:
             return []
         scores = np.array([float(h.score) for h in hits])  # (k,)
-        return [float(c) for c in self.calibration.confidence(scores, self.p_yes(query, hits))]
+        cal = self.calibration
+        p_yes = self.p_yes(query, hits) if cal.uses_p_yes else None
+        found = [self.evidence(query, h) for h in hits]
+        share = np.array([e.support_share for e in found])  # (k,)
+        capped = not any(e.matches for e in found)
+        names = np.array([e.name_share for e in found])  # (k,)
+        conf = (
+            cal.confidence(scores, p_yes, share, names)
+            if cal.uses_evidence
+            else cal.confidence(scores, p_yes)
+        )
+        if capped:
+            conf = np.minimum(conf, NO_MENTION_CAP)
+        return [float(c) for c in conf]
 
     def rerank(self, query: str, hits: Sequence[HitLike], k: int = 5) -> list[HitLike]:
         """ERM: re-order the top-k by erm_scores (weight and temperature from the calibration); ranks renumbered.
@@ -252,20 +325,64 @@ class Explainer:
         head = hits[:k]
         scores = np.array([float(h.score) for h in head])  # (k,)
         cal = self.calibration
-        order = erm_order(scores, self.p_yes(query, head), cal.rerank_weight, cal.temperature)
+        if cal.rerank_weight >= 1.0:
+            return [_with_rank(h, i + 1) for i, h in enumerate(hits)]
+        if cal.uses_evidence:  # ERM with the calibrated confidence standing in for P(yes)
+            conf = np.array(self.confidence(query, head))  # (k,)
+            combined = cal.rerank_weight * scores / cal.temperature + (1 - cal.rerank_weight) * logit(conf)
+            order = np.argsort(-combined, kind="stable")
+        else:
+            order = erm_order(scores, self.p_yes(query, head), cal.rerank_weight, cal.temperature)
         return [_with_rank(h, i + 1) for i, h in enumerate([head[j] for j in order] + hits[k:])]
 
     def reason(
-        self, query: str, hit: HitLike | ImageLike, max_new_tokens: int = 60, do_sample: bool = False
+        self,
+        query: str,
+        hit: HitLike | ImageLike,
+        max_new_tokens: int = REASON_TOKENS,
+        do_sample: bool = False,
     ) -> Iterator[str]:
-        """Stream 1-3 sentences on what in the tile matches the description: yields text increments.
+        """Stream a reason grounded in the evidence: yields text increments.
 
-        Greedy unless do_sample. Plain text, never HTML; escape it where it is displayed. Generation runs
-        in a thread; leaving the loop early stops it at the next token.
+        First the sentence built from the evidence (what matches, what is nearby, what does not: true by
+        construction, so it shows at once); then the LM's one sentence, written with the adapter off from the
+        tile image, the description and the evidence, if check_reason finds every name and kind it states
+        supported. Plain text, never HTML; escape it where it is displayed. The check is in last_checked.
         """
+        found = self.evidence(query, hit)
+        checked = check_reason("", found, self.finder.vocabulary)
+        yield checked.plain
+        text = "".join(self.write(query, hit, found, max_new_tokens, do_sample))
+        checked = check_reason(text, found, self.finder.vocabulary, self.finder.gallery_names)
+        self.last_checked = checked
+        if checked.kept:
+            yield " " + " ".join(checked.kept)
+
+    def write(
+        self,
+        query: str,
+        hit: HitLike | ImageLike,
+        found: Evidence,
+        max_new_tokens: int = REASON_TOKENS,
+        do_sample: bool = False,
+    ) -> Iterator[str]:
+        """The LM's raw text for a hit, streamed: the chat template with the image, the description and the
+        evidence; an n-gram ban and a repetition penalty; stops after its first complete sentence."""
         from transformers import TextIteratorStreamer
 
-        batch = self._inputs([_tile(hit)], [reason_request(query, _context(hit))], PLAIN_LEADS["reason"])
+        def label(m: Any) -> str:
+            return m.matched if m.mention.kind in ("name", "street") else f"{m.mention.surface} ({m.matched})"
+
+        facts = evidence_text(
+            [label(m) for m in found.supported],
+            [label(m) for m in found.nearby],
+            [m.mention.surface for m in found.misses],
+            list(found.tile_features[:3]),
+        )
+        start = self.answer_start
+        batch = self._inputs([_tile(hit)], [evidence_request(query, facts)], PLAIN_LEADS["reason"], start)
+        if start:
+            yield start
         streamer = TextIteratorStreamer(self.retriever.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = threading.Event()
         failure: list[BaseException] = []
@@ -297,7 +414,15 @@ class Explainer:
         """The reason's worker thread: owns the model lock and the adapter switch for the whole run."""
         from transformers import StoppingCriteriaList
 
-        options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": 1}
+        options: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "num_beams": 1,
+            "no_repeat_ngram_size": NO_REPEAT_NGRAM,
+            "repetition_penalty": REPETITION_PENALTY,
+            "max_time": self.reason_max_s,
+        }
+        length = int(batch["input_ids"].shape[1])
         if not do_sample:  # a checkpoint's sampling defaults would only warn under greedy decoding
             options.update(temperature=None, top_p=None, top_k=None)
         try:
@@ -306,7 +431,9 @@ class Explainer:
                     **batch,
                     **options,
                     streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopFlag(stop)]),
+                    stopping_criteria=StoppingCriteriaList(
+                        [_StopFlag(stop), _SentenceEnd(self.retriever.tokenizer, length)]
+                    ),
                     pad_token_id=self.retriever.tokenizer.pad_token_id,
                 )
         except BaseException as error:  # re-raised in the consumer's thread

@@ -14,6 +14,11 @@ REASON_REQUEST = (
     "{description}\n{context}In one to three sentences, say what in the tile matches the description "
     "and what does not."
 )
+EVIDENCE_REQUEST = (
+    "This is an overhead map tile.\nDescription of a place: {description}\nChecked against the map data of "
+    "this tile: {evidence}\nIn one short sentence, say what the tile shows that matches the description. "
+    "Name only places listed above."
+)
 # What follows the prompt when the tokenizer has no chat template: the model then continues the text.
 PLAIN_LEADS = {"question": "Answer:", "reason": "Explanation:"}
 
@@ -41,6 +46,26 @@ def match_question(description: str, context: dict[str, Any] | None) -> str:
 def reason_request(description: str, context: dict[str, Any] | None) -> str:
     """The request for 1-3 sentences on what in one tile matches the description."""
     return REASON_REQUEST.format(description=description.strip(), context=context_text(context))
+
+
+def evidence_text(found: list[str], nearby: list[str], missing: list[str], shows: list[str]) -> str:
+    """The evidence as one prompt line: "in the tile: A, B; nearby: C; not found: D"."""
+    parts = [
+        f"{label}: {', '.join(items)}"
+        for label, items in (
+            ("in the tile", found),
+            ("nearby", nearby),
+            ("not found", missing),
+            ("the tile has", shows),
+        )
+        if items
+    ]
+    return "; ".join(parts) or "nothing checkable"
+
+
+def evidence_request(description: str, evidence: str) -> str:
+    """The request for one sentence on a tile, written from its evidence (see retriever.explain.evidence)."""
+    return EVIDENCE_REQUEST.format(description=description.strip(), evidence=evidence)
 
 
 def build_prompt(tokenizer: Any, placeholder: str, body: str, lead: str) -> str:

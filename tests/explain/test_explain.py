@@ -23,6 +23,8 @@ from retriever.explain import (
     make_reranker,
     similarity_probs,
 )
+from retriever.explain.evidence import check_reason
+from retriever.explain.explainer import NO_MENTION_CAP
 from retriever.explain.prompts import MATCH_QUESTION, build_prompt, context_text
 from retriever.models.adapters import add_adapter
 from retriever.models.backbones import FAMILIES
@@ -148,6 +150,55 @@ def test_reason_can_be_abandoned_early(retrievers, hits) -> None:
     next(stream)
     stream.close()  # stops the generation thread and leaves the adapter context
     assert ex.p_yes(QUERY, hits[:2]).shape == (2,)
+
+
+SIGN_QUERY = "Stokman on Aleksanterinkatu, a theatre"
+SIGN_CONTEXT = {"features": "Stockmann (department store); Aleksanterinkatu / Alexandersgatan (street)"}
+SIGN_PLAIN = "Matches Stockmann (department store) and Aleksanterinkatu; no theatre in this tile."
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_family_writes_an_evidence_grounded_reason(family: str, retrievers, hits, monkeypatch) -> None:
+    ex = Explainer(retrievers(family))
+    hit = FakeHit(1, "s", 0.5, hits[0].image_path, SIGN_CONTEXT)
+    bodies: list[str] = []
+    inputs = ex._inputs
+    monkeypatch.setattr(ex, "_inputs", lambda tiles, b, *a: bodies.extend(b) or inputs(tiles, b, *a))
+    text = "".join(ex.reason(SIGN_QUERY, hit, max_new_tokens=16))
+    assert text.startswith(SIGN_PLAIN)  # the evidence sentence comes first, and names the miss
+    assert "in the tile: Stockmann (department store), Aleksanterinkatu; not found: theatre" in bodies[0]
+    checked = ex.last_checked
+    vocabulary = ex.finder.vocabulary
+    evidence = ex.evidence(SIGN_QUERY, hit)
+    assert all(not check_reason(s, evidence, vocabulary).dropped for s in checked.kept)
+    assert text == checked.text
+
+
+def test_reasons_never_repeat_a_word_trigram(retrievers, hits) -> None:
+    ex = Explainer(retrievers("qwen2_vl"))
+    hit = FakeHit(1, "s", 0.5, hits[0].image_path, SIGN_CONTEXT)
+    raw = "".join(ex.write(SIGN_QUERY, hit, ex.evidence(SIGN_QUERY, hit), max_new_tokens=40)).split()
+    trigrams = [tuple(raw[i : i + 3]) for i in range(len(raw) - 2)]
+    assert raw and len(trigrams) == len(set(trigrams))
+
+
+def test_an_invented_name_from_the_generator_is_replaced(retrievers, hits, monkeypatch) -> None:
+    ex = Explainer(retrievers("idefics3"))
+    hit = FakeHit(1, "s", 0.5, hits[0].image_path, SIGN_CONTEXT)
+    monkeypatch.setattr(ex, "write", lambda *a, **k: iter(["The Tokyo Metropolitan ", "Government Office."]))
+    assert "".join(ex.reason(SIGN_QUERY, hit)) == SIGN_PLAIN and ex.last_checked.replaced
+    faithful = "Stockmann is a department store on Aleksanterinkatu."
+    monkeypatch.setattr(ex, "write", lambda *a, **k: iter([faithful]))
+    assert "".join(ex.reason(SIGN_QUERY, hit)) == f"{SIGN_PLAIN} {faithful}"
+
+
+@pytest.mark.parametrize("query", ["<img src=x onerror=alert(1)>", "🙂🙂", "asdf"])
+def test_a_query_with_nothing_in_it_gets_low_confidence(query: str, retrievers, hits) -> None:
+    peaky = Calibration(temperature=0.01, w_sim=2.0, w_margin=1.0, w_share=2.0, w_yes=0.0, bias=1.0)
+    ex = Explainer(retrievers("idefics3"), calibration=peaky)
+    hit_list = [FakeHit(i + 1, f"s{i}", 0.9 - 0.3 * i, hits[0].image_path, SIGN_CONTEXT) for i in range(3)]
+    assert max(ex.confidence(query, hit_list)) <= NO_MENTION_CAP
+    assert ex.confidence(SIGN_QUERY, hit_list)[0] > 0.5  # the same hits, a query the tile supports
 
 
 def test_prompts_carry_the_description_and_the_tile_context() -> None:
