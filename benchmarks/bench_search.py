@@ -1,7 +1,11 @@
-"""Exact top-k on CPU over N x D fp16 embeddings: ours (retriever.index.ExactSearch) versus faiss IndexFlatIP.
+"""Exact top-k on CPU over N x D fp16 rows: threaded fp16 scan, SQ8 + re-rank, faiss IndexFlatIP, bounds.
 
-Ours reads the fp16 table in place: batches of <= 2 queries through a zero-copy faiss SQfp16 view of it,
-larger batches through chunked fp16 -> fp32 torch GEMM. Run: python -m benchmarks.bench_search [--n 200000]
+One run prints, per data set (uniform and clustered unit vectors) and batch (1 and 64), side by side: ours
+(threaded zero-copy fp16 scan; GEMM at batch 64), ours SQ8 + exact re-rank, the previous single-thread
+scan, faiss IndexFlatIP (an fp32 copy) and the bandwidth bound (table bytes / the read bandwidth of a
+multi-threaded torch.sum over the same table, measured in the same run; also for the int8 table). Batch 64
+also reports GFLOP/s against a measured fp32 GEMM peak. SQ8 recall is measured on noisy stored rows.
+Run: python -m benchmarks.bench_search [--n 1000000] [--dim 1024] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -9,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -17,20 +20,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from retriever.index import ExactSearch
+from retriever.index.ann import recall_at_k, recall_queries, same_topk
+from retriever.index.backends import ExactSearch, Sq8Search, sq8_from_table
 
 GB = 1e9
-
-
-def rss_gb() -> float:
-    """Resident memory of this process now."""
-    with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return kib * 1024 / GB
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+CPU = torch.device("cpu")
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -43,118 +37,145 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def make_embeddings(n: int, dim: int, seed: int = 0) -> np.ndarray:
-    """Unit-norm random rows stored as fp16, generated in slices so fp32 is never held whole."""
+def make_embeddings(n: int, dim: int, kind: str, clusters: int = 1000, seed: int = 0) -> np.ndarray:
+    """(n, dim) fp16 unit rows: uniform on the sphere, or Gaussian clusters around `clusters` random centres
+    (cosine to the centre ~0.7, like real embedding galleries); made in slices, fp32 never held whole."""
     out = np.empty((n, dim), dtype=np.float16)
     generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(clusters, dim, generator=generator), dim=1)
+    sigma = 1.0 / dim**0.5  # noise of norm ~1 next to a unit centre
     for start in range(0, n, 1 << 16):
-        rows = torch.randn(min(1 << 16, n - start), dim, generator=generator)
-        out[start : start + len(rows)] = torch.nn.functional.normalize(rows, dim=1).half().numpy()
+        m = min(1 << 16, n - start)
+        rows = torch.randn(m, dim, generator=generator)
+        if kind == "clustered":
+            rows = centres[torch.randint(clusters, (m,), generator=generator)] + sigma * rows
+        out[start : start + m] = torch.nn.functional.normalize(rows, dim=1).half().numpy()
     return out
 
 
-def read_bandwidth(array: np.ndarray, repeats: int) -> dict[str, float]:
-    """Sequential read bandwidth (GB/s): numpy sum (one thread) and torch sum (all threads) over array's bytes."""
-    words = array.reshape(-1).view(np.int64)
-    as_tensor = torch.from_numpy(words)
-    numpy_s = median_time(lambda: words.sum(), repeats)
-    torch_s = median_time(lambda: as_tensor.sum(), repeats)
-    return {
-        "numpy_sum_1thread": array.nbytes / numpy_s / GB,
-        "torch_sum_all_threads": array.nbytes / torch_s / GB,
+def torch_sum_bandwidth(array: np.ndarray, repeats: int) -> float:
+    """GB/s of a multi-threaded torch.sum over the array's bytes (viewed as int64): the read bound."""
+    words = torch.from_numpy(array.reshape(-1).view(np.int64))
+    return array.nbytes / median_time(lambda: words.sum(), repeats) / GB
+
+
+def gemm_peak(dim: int, batch: int, repeats: int) -> dict[str, float]:
+    """Measured fp32 GEMM GFLOP/s: our shape on a block that fits cache (R x D @ D x Q), and a large sgemm."""
+    out = {}
+    q = torch.randn(dim, batch)
+    for rows in (256, 1024):
+        a = torch.randn(rows, dim)
+        c = torch.empty(rows, batch)
+        t = median_time(lambda a=a, c=c: [torch.mm(a, q, out=c) for _ in range(50)], repeats) / 50
+        out[f"mm_{rows}x{dim}x{batch}"] = 2 * rows * dim * batch / t / 1e9
+    big = torch.randn(2048, 2048)
+    out["sgemm_2048"] = 2 * 2048**3 / median_time(lambda: torch.mm(big, big), repeats) / 1e9
+    return out
+
+
+def run_dataset(kind: str, args: argparse.Namespace, peak: float, faiss_too: bool) -> dict:
+    start = time.perf_counter()
+    table = make_embeddings(args.n, args.dim, kind)
+    sq8 = sq8_from_table(table)
+    made = time.perf_counter() - start
+    bw = torch_sum_bandwidth(table, args.repeats)
+    bw_int8 = torch_sum_bandwidth(sq8.codes, args.repeats)
+    print(
+        f"\n[{kind}] {args.n} x {args.dim} fp16 = {table.nbytes / GB:.2f} GB, int8 codes "
+        f"{sq8.codes.nbytes / GB:.2f} GB (made in {made:.1f} s); torch.sum read bandwidth "
+        f"{bw:.1f} GB/s (fp16 table), {bw_int8:.1f} GB/s (int8 table)"
+    )
+    ours = ExactSearch(table, CPU, threads=args.threads)
+    previous = ExactSearch(table, CPU, threads=1)  # the single-thread zero-copy faiss scan of before
+    compressed = Sq8Search(table, CPU, sq8, rerank_factor=args.rerank_factor, threads=args.threads)
+
+    # SQ8 recall: noisy stored rows as queries, SQ8 + re-rank against exact fp16.
+    rq = recall_queries(table, args.recall_queries, seed=1)  # (Q, D)
+    _, exact_ids = ours.topk(torch.from_numpy(rq), args.k, None)
+    t0 = time.perf_counter()
+    _, sq8_ids = compressed.compressed_topk(rq, args.k)
+    sq8_ms = 1e3 * (time.perf_counter() - t0) / len(rq)
+    recall = {
+        f"recall@{args.k}": recall_at_k(sq8_ids, exact_ids),
+        f"same_top{args.k}": same_topk(sq8_ids, exact_ids),
     }
+    print(
+        f"SQ8 r={args.rerank_factor} on {len(rq)} noisy rows: recall@{args.k} {recall[f'recall@{args.k}']:.4f}, "
+        f"same top-{args.k} {recall[f'same_top{args.k}']:.2%} ({sq8_ms:.1f} ms/query)"
+    )
+
+    flat = None
+    if faiss_too:
+        import faiss
+
+        flat = faiss.IndexFlatIP(args.dim)
+        for s in range(0, args.n, 1 << 16):  # IndexFlatIP stores fp32: a second, 2x larger copy
+            flat.add(table[s : s + (1 << 16)].astype(np.float32))
+
+    print(f"exact top-{args.k}, median of {args.repeats} after a warm-up (ms)", flush=True)
+    print(
+        f"{'batch':>5} {'ours':>8} {'SQ8+rr':>8} {'previous':>9} {'faissFlat':>10} {'bound16':>8} {'bound8':>7}"
+        f" {'ours GB/s':>9} {'of bw':>6} {'SQ8/b16':>7} {'GFLOP/s':>8} {'of peak':>7}"
+    )
+    rows = {}
+    for batch in (1, 64):
+        q = torch.from_numpy(np.ascontiguousarray(rq[np.arange(batch) % len(rq)]))
+        qn = q.numpy()
+        r = {"ours": median_time(lambda q=q: ours.topk(q, args.k, None), args.repeats)}
+        r["sq8"] = median_time(lambda q=q: compressed.topk(q, args.k, None), args.repeats)
+        r["previous"] = (
+            median_time(lambda q=q: previous.topk(q, args.k, None), args.repeats) if batch == 1 else r["ours"]
+        )  # batch 64: the same GEMM path as before
+        if flat is not None:
+            reps = args.repeats if batch == 1 else max(1, args.repeats // 3)
+            r["faiss_flat"] = median_time(lambda qn=qn: flat.search(qn, args.k), reps)
+            same = flat.search(qn, args.k)[1] == ours.topk(q, args.k, None)[1]
+            r["faiss_same_ids"] = float(np.mean(same))
+        r["bound_fp16"] = table.nbytes / (bw * GB)
+        r["bound_int8"] = sq8.codes.nbytes / (bw * GB)
+        r["ours_gb_s"] = table.nbytes / r["ours"] / GB
+        r["ours_of_bw"] = r["ours_gb_s"] / bw
+        r["sq8_of_bound"] = r["sq8"] / r["bound_fp16"]
+        r["gflops"] = 2 * args.n * args.dim * batch / r["ours"] / 1e9
+        r["of_peak"] = r["gflops"] / peak
+        rows[batch] = r
+        print(
+            f"{batch:>5} {r['ours'] * 1e3:>8.1f} {r['sq8'] * 1e3:>8.1f} {r['previous'] * 1e3:>9.1f} "
+            f"{r.get('faiss_flat', float('nan')) * 1e3:>10.1f} {r['bound_fp16'] * 1e3:>8.1f} "
+            f"{r['bound_int8'] * 1e3:>7.1f} {r['ours_gb_s']:>9.1f} {r['ours_of_bw']:>6.0%} "
+            f"{r['sq8_of_bound']:>7.2f} {r['gflops']:>8.1f} {r['of_peak']:>7.0%}",
+            flush=True,
+        )
+    flat = None  # free the fp32 copy
+    print("(batch 64: SQ8 routes to the fp16 GEMM, which is compute-bound; bounds are batch-1 read times)")
+    return {"bandwidth_gb_s": bw, "bandwidth_int8_gb_s": bw_int8, "sq8": recall, "by_batch": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=1_000_000, help="gallery rows")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tune", action="store_true", help="also sweep chunk_rows for our scan")
-    parser.add_argument("--no-faiss", action="store_true")
-    parser.add_argument("--torch-only", action="store_true", help="also time the torch scan at every batch")
+    parser.add_argument("--threads", type=int, help="scan threads (default torch.get_num_threads())")
+    parser.add_argument("--rerank-factor", type=int, default=10)
+    parser.add_argument("--recall-queries", type=int, default=200)
+    parser.add_argument(
+        "--data", nargs="+", choices=["uniform", "clustered"], default=["uniform", "clustered"]
+    )
+    parser.add_argument("--no-faiss", action="store_true", help="skip faiss IndexFlatIP (an fp32 copy)")
     args = parser.parse_args(argv)
 
-    print(f"torch {torch.__version__} threads={torch.get_num_threads()}  cpus={os.cpu_count()}")
-    base_rss = rss_gb()
-    start = time.perf_counter()
-    table = make_embeddings(args.n, args.dim)
-    print(
-        f"gallery: {args.n} x {args.dim} fp16 = {table.nbytes / GB:.2f} GB (made in {time.perf_counter() - start:.1f} s)"
-    )
-
-    bandwidth = read_bandwidth(table, args.repeats)
-    machine_bw = max(bandwidth.values())
-    print("read bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()))
-
-    rng = np.random.default_rng(1)
-    queries = {b: rng.standard_normal((b, args.dim)).astype(np.float32) for b in args.batches}
-    for q in queries.values():
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-
-    ours = ExactSearch(table, torch.device("cpu"))
-    if args.tune:
-        for b, q in queries.items():
-            qt = torch.from_numpy(q)
-            for chunk in (128, 256, 512, 1024, 2048, 4096, 8192, 16384):
-                ours.chunk_rows = chunk
-                t = median_time(lambda qt=qt: ours.topk(qt, args.k, None), max(1, args.repeats // 2))
-                print(f"  tune batch {b:>3} chunk_rows {chunk:>6}: {t * 1e3:8.1f} ms")
-        ours.chunk_rows = None
-
-    before = rss_gb()
-    results: dict[int, dict] = {}
-    for b, q in queries.items():
-        qt = torch.from_numpy(q)
-        t = median_time(lambda qt=qt: ours.topk(qt, args.k, None), args.repeats)
-        path = "faiss-view" if ours.scan is not None and b <= ours.faiss_max_queries else "torch"
-        results[b] = {"ours_s": t, "path": path, "ours_ids": ours.topk(qt, args.k, None)[1]}
-        if args.torch_only:
-            limit, ours.faiss_max_queries = ours.faiss_max_queries, 0
-            results[b]["torch_scan_s"] = median_time(lambda qt=qt: ours.topk(qt, args.k, None), args.repeats)
-            ours.faiss_max_queries = limit
-    print(
-        f"ours: reads the fp16 table in place ({table.nbytes / GB:.2f} GB, no copy); RSS after searching "
-        f"{rss_gb() - before:+.2f} GB; peak RSS so far {peak_rss_gb():.2f} GB (start {base_rss:.2f} GB)"
-    )
-
-    if not args.no_faiss:
-        import faiss
-
-        before = rss_gb()
-        start = time.perf_counter()
-        flat = faiss.IndexFlatIP(args.dim)
-        for s in range(0, args.n, 1 << 16):  # faiss IndexFlatIP stores fp32: a second, 2x larger copy
-            flat.add(table[s : s + (1 << 16)].astype(np.float32))
-        print(
-            f"faiss IndexFlatIP: fp32 copy {args.n * args.dim * 4 / GB:.2f} GB "
-            f"(RSS +{rss_gb() - before:.2f} GB), built in {time.perf_counter() - start:.1f} s, "
-            f"faiss {faiss.__version__}, omp threads {faiss.omp_get_max_threads()}"
-        )
-        for b, q in queries.items():
-            results[b]["faiss_s"] = median_time(lambda q=q: flat.search(q, args.k), args.repeats)
-            results[b]["agree"] = float(np.mean(flat.search(q, args.k)[1] == results[b]["ours_ids"]))
-        del flat
-
-    print(f"\nexact top-{args.k} over {args.n} x {args.dim}, median of {args.repeats} (after a warm-up run)")
-    header = f"{'batch':>5} {'ours ms':>9} {'faiss ms':>9} {'faiss/ours':>10} {'ours GB/s':>9} {'of machine':>10} {'same ids':>8}"
-    print(header + "  ours path" + ("   torch-scan ms" if args.torch_only else ""))
-    summary = {}
-    for b, r in results.items():
-        ours_bw = table.nbytes / r["ours_s"] / GB  # bytes of the stored table read per batch
-        faiss_s = r.get("faiss_s", float("nan"))
-        line = (
-            f"{b:>5} {r['ours_s'] * 1e3:>9.1f} {faiss_s * 1e3:>9.1f} {faiss_s / r['ours_s']:>10.2f} "
-            f"{ours_bw:>9.1f} {ours_bw / machine_bw:>10.0%} {r.get('agree', float('nan')):>8.0%}"
-        )
-        line += f"  {r['path']:>9}"
-        if "torch_scan_s" in r:
-            line += f"  {r['torch_scan_s'] * 1e3:>15.1f}"
-        print(line)
-        summary[b] = {k: v for k, v in r.items() if k != "ours_ids"} | {"ours_gb_s": ours_bw}
-    print(json.dumps({"bandwidth_gb_s": bandwidth, "by_batch": summary}, default=float))
+    print(f"torch {torch.__version__} threads={torch.get_num_threads()} cpus={os.cpu_count()}")
+    peaks = gemm_peak(args.dim, 64, args.repeats)
+    peak = max(peaks.values())
+    print("fp32 GEMM GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + f" (peak {peak:.1f})")
+    summary = {"gemm_gflops": peaks}
+    for i, kind in enumerate(args.data):
+        summary[kind] = run_dataset(kind, args, peak, faiss_too=not args.no_faiss and i == 0)
+    print(json.dumps(summary, default=float))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python -m retriever.index build|info|optimize`: cut and embed a tile source, check an index, train an ANN index."""
+"""`python -m retriever.index build|info|optimize`: cut and embed a tile source, check an index, add ANN or SQ8."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import geopandas as gpd
 
 from retriever._cli import add_model_args, retriever_factory, retriever_from_args, run_cli
-from retriever.index.ann import optimize_index
+from retriever.index.ann import compress_index, optimize_index
 from retriever.index.build import build_index
 from retriever.index.layout import DTYPES, portable_path
 from retriever.index.tile_index import TileIndex
@@ -83,6 +83,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
+    if args.sq8:
+        entry = compress_index(
+            args.index, rerank_factor=args.rerank_factor, num_queries=args.recall_queries, seed=args.seed
+        )
+        print(json.dumps(entry, indent=2))
+        return 0
     entry = optimize_index(
         args.index,
         args.faiss,
@@ -141,7 +147,19 @@ def _add_build(build: argparse.ArgumentParser) -> None:
 
 def _add_optimize(opt: argparse.ArgumentParser) -> None:
     opt.add_argument("index", help="index folder written by build")
-    opt.add_argument("--faiss", required=True, help='faiss factory string, e.g. "IVF4096,PQ64" or "HNSW32"')
+    mode = opt.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--faiss", help='faiss factory string, e.g. "IVF4096,PQ64" or "HNSW32"')
+    mode.add_argument(
+        "--sq8",
+        action="store_true",
+        help="write int8 codes: small batches scan them, then re-rank exactly (recall measured, recorded)",
+    )
+    opt.add_argument(
+        "--rerank-factor",
+        type=int,
+        default=10,
+        help="with --sq8: re-rank k x R candidates with the fp16 rows",
+    )
     opt.add_argument("--train-sample", type=int, default=500_000, help="vectors sampled for training")
     knob = opt.add_mutually_exclusive_group()
     knob.add_argument("--nprobe", type=int, help="IVF lists probed per query (default 32)")
@@ -173,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--verify", action="store_true", help="also check the embeddings' sha256")
     _add_optimize(
         sub.add_parser(
-            "optimize", help="train a faiss ANN index next to the embeddings; search then uses it by default"
+            "optimize",
+            help="train a faiss ANN index (--faiss) or write SQ8 codes (--sq8); search then uses it by default",
         )
     )
     return parser

@@ -1,9 +1,11 @@
-"""Search backends over the embedding table: exact (torch or a zero-copy faiss scan), in-memory faiss, stored ANN."""
+"""Search backends over the embedding table: exact (torch or threaded zero-copy faiss scans), SQ8, faiss, ANN."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +14,38 @@ import torch
 
 from retriever._io import lazy_import
 from retriever.errors import CorruptIndexError
+from retriever.index.layout import check_npy
 
 
 def import_faiss() -> Any:
     """faiss, or MissingDependencyError with the install line."""
     return lazy_import("faiss", pip="faiss-cpu", purpose="the faiss backend")
+
+
+def _ordered(values: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """values, positions (Q, k) reordered by value descending, then position (a stable sort on sorted ids)."""
+    by_position = torch.sort(positions, dim=1).indices
+    values, positions = torch.gather(values, 1, by_position), torch.gather(positions, 1, by_position)
+    by_value = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return torch.gather(values, 1, by_value), torch.gather(positions, 1, by_value)
+
+
+def select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row of scores (Q, B), ties going to the lower position (torch.topk breaks ties
+    arbitrarily); returns values and positions (Q, k), ordered by score descending, then position.
+
+    torch.topk of k + 1 settles the set unless the (k + 1)-th value equals the k-th; only then (exact
+    duplicates) are the tied rows counted in order over the whole row.
+    """
+    k = min(k, scores.shape[1])
+    values, positions = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1)  # (Q, k + 1) sorted
+    if values.shape[1] > k and bool((values[:, k] == values[:, k - 1]).any()):  # a tie across the cut
+        kth = values[:, k - 1 : k]  # (Q, 1)
+        above, at = scores > kth, scores == kth  # (Q, B)
+        at &= torch.cumsum(at, dim=1, dtype=torch.int32) <= k - above.sum(dim=1, keepdim=True)
+        positions = (above | at).nonzero()[:, 1].view(-1, k)  # (Q, k) ascending per query
+        return _ordered(torch.gather(scores, 1, positions), positions)
+    return _ordered(values[:, :k], positions[:, :k])
 
 
 def exact_topk(
@@ -29,9 +58,10 @@ def exact_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner products of queries (Q, D) with table rows (N, D); returns scores, row ids (Q, k).
 
-    The table is read in chunks small enough to stay in cache: fp16 rows are widened to fp32 into a
-    reused buffer, multiplied, and a running top-k is kept per block, so memory stays O(block x Q) and
-    the bytes read per query are the stored ones (half of fp32 for fp16). rows restricts the scan.
+    Ties rank the lower row first (a stable argsort of -scores). The table is read in chunks small enough
+    to stay in cache: fp16 rows are widened to fp32 into a reused buffer, multiplied, and a running top-k
+    is kept per block, so memory stays O(block x Q) and the bytes read per query are the stored ones (half
+    of fp32 for fp16). rows restricts the scan.
     """
     n = table.shape[0] if rows is None else rows.numel()
     k = min(k, n)
@@ -69,15 +99,15 @@ def exact_topk(
                 torch.mv(x, q_t[:, 0], out=scores[c0 - b0 : c1 - b0, 0])
             else:
                 torch.mm(x, q_t, out=scores[c0 - b0 : c1 - b0])
-        s, i = torch.topk(scores[: b1 - b0], min(k, b1 - b0), dim=0)  # (k', Q)
+        s, i = select_topk(scores[: b1 - b0].T.contiguous(), k)  # (Q, k'): a row per query is fast
         i += b0
-        if best_s is not None:
-            s, j = torch.topk(torch.cat([best_s, s]), k, dim=0)
-            i = torch.gather(torch.cat([best_i, i]), 0, j)
+        if best_s is not None:  # earlier blocks first: among equal scores, position order is row order
+            s, j = select_topk(torch.cat([best_s, s], dim=1), k)
+            i = torch.gather(torch.cat([best_i, i], dim=1), 1, j)
         best_s, best_i = s, i
     if rows is not None:
         best_i = rows[best_i]
-    return best_s.T.contiguous(), best_i.T.contiguous()
+    return best_s, best_i
 
 
 def _as_tensor(embeddings: np.ndarray) -> torch.Tensor:
@@ -86,12 +116,29 @@ def _as_tensor(embeddings: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(embeddings)
 
 
+def _zero_copy(index: Any, table: np.ndarray) -> Any:
+    """index with table's rows as its codes (zero copy), or None when this faiss cannot view memory."""
+    import faiss
+
+    codes = table.reshape(-1).view(np.uint8)
+    try:  # a non-owning MaybeOwnedVector (faiss >= 1.10), the same mechanism as faiss's own mmap loading
+        view = faiss.MaybeOwnedVectorUInt8()
+        pointer = faiss.swig_ptr(codes)
+        view.is_owned, view.view_data, view.view_size = False, pointer, codes.size
+        view.c_ptr, view.c_size = pointer, codes.size
+        index.codes = view
+    except (AttributeError, TypeError):
+        return None
+    index.ntotal = len(table)
+    index.referenced_objects = [table]  # the codes point into this array: keep it alive
+    return index
+
+
 def faiss_view(embeddings: np.ndarray) -> Any:
     """A faiss flat index whose codes are the embeddings' own memory (zero copy), or None without faiss.
 
     fp16 rows are exactly faiss's "SQfp16" codes and fp32 rows IndexFlatIP's, so the scan is exact. faiss
-    scans one query on one thread at memory speed with no per-chunk synchronisation, which beats the
-    chunked torch scan at batch 1 and stays fast when other processes share the cores.
+    scans one query on one thread at memory speed; ThreadedScan runs one such view per row range.
     """
     try:
         import faiss
@@ -106,61 +153,279 @@ def faiss_view(embeddings: np.ndarray) -> Any:
     }
     if embeddings.dtype not in flat or not embeddings.flags.c_contiguous:
         return None
-    index = flat[embeddings.dtype]()
-    codes = embeddings.reshape(-1).view(np.uint8)
-    try:  # a non-owning MaybeOwnedVector (faiss >= 1.10), the same mechanism as faiss's own mmap loading
-        view = faiss.MaybeOwnedVectorUInt8()
-        pointer = faiss.swig_ptr(codes)
-        view.is_owned, view.view_data, view.view_size = False, pointer, codes.size
-        view.c_ptr, view.c_size = pointer, codes.size
-        index.codes = view
-    except (AttributeError, TypeError):
-        return None
-    index.ntotal = n
-    index.referenced_objects = [embeddings]  # the codes point into this array: keep it alive
-    return index
+    return _zero_copy(flat[embeddings.dtype](), embeddings)
+
+
+def default_threads() -> int:
+    """Threads for the threaded scans: torch's intra-op thread count (all cores unless limited)."""
+    return max(1, torch.get_num_threads())
+
+
+def _one_omp_thread() -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # per thread: each scan thread runs its own query loop, no nested team
+
+
+def merge_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best candidates per query from scores, ids (Q, C): by score descending, then lower id (ties)."""
+    valid = ids >= 0
+    key = np.where(valid, -scores, np.inf)  # faiss pads with id -1: last
+    order = np.lexsort((np.where(valid, ids, np.iinfo(np.int64).max), key), axis=1)[:, :k]  # (Q, k)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+class ThreadedScan:
+    """Top-k over a zero-copy faiss view per row range, one range per thread (faiss drops the GIL).
+
+    Each range keeps its own top k + 1 and the ranges' lists are merged by score, then row. faiss picks
+    arbitrarily among rows tied at its cut, so search also says which queries may have lost a tied row: those
+    where some range's (k + 1)-th score reaches the merged k-th. Callers rescan those exactly (only exact
+    duplicates ever tie); every other query equals a stable argsort of -scores over the whole table.
+    """
+
+    def __init__(
+        self,
+        table: np.ndarray,
+        threads: int | None = None,
+        view: Callable[[np.ndarray], Any] = faiss_view,
+    ) -> None:
+        n = len(table)
+        self.threads = max(1, min(threads or default_threads(), n))
+        bounds = np.linspace(0, n, self.threads + 1).astype(np.int64)
+        self.ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        self.views = [view(table[a:b]) for a, b in self.ranges]  # zero-copy faiss indexes, one per range
+        self.ok = all(v is not None for v in self.views)
+        self.n = n
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _map(self, fn: Callable[[int], Any]) -> list[Any]:
+        if len(self.ranges) == 1:
+            return [fn(0)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(len(self.ranges), "scan", initializer=_one_omp_thread)
+        return list(self._pool.map(fn, range(len(self.ranges))))
+
+    def search(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """scores, ids (Q, k) of queries (Q, D) fp32, and tied (Q,): a row tied at the cut may be missing.
+
+        rows (sorted ids) restricts the scan by a bitmap.
+        """
+        import faiss
+
+        k = min(k, self.n if rows is None else len(rows))
+        mask = None
+        if rows is not None:
+            mask = np.zeros(self.n, dtype=bool)
+            mask[rows] = True
+
+        def one(part: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            a, b = self.ranges[part]
+            candidates = b - a if mask is None else int(mask[a:b].sum())
+            kk = min(k + 1, candidates)
+            if kk == 0:
+                return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64), None
+            if mask is None:
+                s, i = self.views[part].search(queries, kk)
+            else:
+                bits = np.packbits(mask[a:b], bitorder="little")  # faiss: bit i is bits[i >> 3] >> (i & 7)
+                selector = faiss.IDSelectorBitmap(b - a, faiss.swig_ptr(bits))
+                s, i = self.views[part].search(queries, kk, params=faiss.SearchParameters(sel=selector))
+            cut = s[:, -1] if kk < candidates else None  # (Q,) this range's worst kept score: rows below it
+            return s, np.where(i >= 0, i + a, -1), cut  # (Q, kk) local ids -> table rows
+
+        parts = self._map(one)
+        scores = np.concatenate([s for s, _, _ in parts], axis=1)  # (Q, sum kk)
+        ids = np.concatenate([i for _, i, _ in parts], axis=1)
+        scores, ids = merge_topk(scores, ids, k)  # (Q, k)
+        kth = scores[:, -1] if k else np.full(len(queries), np.inf, dtype=np.float32)
+        tied = np.zeros(len(queries), dtype=bool)
+        for _, _, cut in parts:
+            if cut is not None:
+                tied |= cut >= kth  # a row this range did not return may score as high as the k-th
+        return scores, ids, tied
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
 
 class ExactSearch:
-    """Exact top-K: small batches by a zero-copy faiss scan on CPU, otherwise chunked torch products.
+    """Exact top-K: small batches by threaded zero-copy faiss scans on CPU, otherwise chunked torch products.
 
     On an accelerator the table is moved there once. On CPU it is read in place (a memory map works).
+    threads (default torch.get_num_threads()) splits a small batch's scan by row ranges; 1 is one scan.
     """
 
     faiss_max_queries = 2  # above this, one GEMM pass over the table beats a faiss pass per query
 
-    def __init__(self, embeddings: np.ndarray, device: torch.device, chunk_rows: int | None = None) -> None:
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        device: torch.device,
+        chunk_rows: int | None = None,
+        threads: int | None = None,
+    ) -> None:
         self.table = _as_tensor(embeddings).to(device)  # (N, D); a no-op view on CPU
         self.device = device
         self.chunk_rows = chunk_rows
-        self.scan = faiss_view(embeddings) if device.type == "cpu" else None
+        self.threaded = ThreadedScan(embeddings, threads) if device.type == "cpu" else None
+        if self.threaded is not None and not self.threaded.ok:
+            self.threaded = None  # no faiss (or a table faiss cannot view): the torch scan does every batch
+        self.scan = faiss_view(embeddings) if self.threaded is not None else None  # the whole table, one view
 
     def topk(self, queries: torch.Tensor, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         n = self.table.shape[0]
         # Few candidates: gather them (cost ~ candidates); many: scan all rows and skip the others (a bitmap).
         if (
-            self.scan is not None
+            self.threaded is not None
             and len(queries) <= self.faiss_max_queries
             and (rows is None or len(rows) > n // 16)
         ):
-            return self._faiss_topk(queries, k, rows)
+            q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)  # (Q, D)
+            scores, ids, tied = self.threaded.search(q, k, rows)
+            if tied.any():  # exact duplicates at the cut: the torch scan settles the tie by row order
+                scores[tied], ids[tied] = self._torch_topk(queries[torch.from_numpy(tied)], k, rows)
+            return scores, ids
+        return self._torch_topk(queries, k, rows)
+
+    def _torch_topk(
+        self, queries: torch.Tensor, k: int, rows: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         row_ids = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.device)
         scores, ids = exact_topk(self.table, queries, k, row_ids, self.chunk_rows)
         return scores.cpu().numpy(), ids.cpu().numpy()
 
-    def _faiss_topk(
-        self, queries: torch.Tensor, k: int, rows: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
 
-        q = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)  # (Q, D)
-        if rows is None:
-            return self.scan.search(q, k)
-        mask = np.zeros(self.table.shape[0], dtype=bool)
-        mask[rows] = True
-        bits = np.packbits(mask, bitorder="little")  # faiss reads bit i as bits[i >> 3] >> (i & 7)
-        selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
-        return self.scan.search(q, k, params=faiss.SearchParameters(sel=selector))
+# --- SQ8: int8 codes scanned first, the best k x r re-ranked exactly ---------------------------------------
+
+
+@dataclass
+class Sq8Codes:
+    """Per-dimension 8-bit codes of a table: row ~= offset + scale * code, codes (N, D) uint8 (memory-mapped).
+
+    They are faiss "SQ8" codes with vmin = offset - scale / 2 and vdiff = 255 * scale (faiss decodes
+    vmin + (code + 0.5) / 255 * vdiff), so faiss scans them in place.
+    """
+
+    codes: np.ndarray  # (N, D) uint8
+    offset: np.ndarray  # (D,) fp32
+    scale: np.ndarray  # (D,) fp32
+
+    def view(self, codes: np.ndarray) -> Any:
+        """A zero-copy faiss SQ8 index over some rows (R, D) of the codes, or None without faiss."""
+        try:
+            import faiss
+        except ImportError:
+            return None
+        dim = codes.shape[1]
+        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        trained = np.concatenate([self.offset - self.scale / 2, 255.0 * self.scale]).astype(np.float32)
+        faiss.copy_array_to_vector(trained, index.sq.trained)  # (2D,) vmin, vdiff
+        index.is_trained = True
+        return _zero_copy(index, codes)
+
+
+def sq8_params(embeddings: np.ndarray, chunk_rows: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension offset (the minimum) and scale ((max - min) / 255) over every row: (D,), (D,) fp32."""
+    lo = np.full(embeddings.shape[1], np.inf, dtype=np.float32)
+    hi = np.full(embeddings.shape[1], -np.inf, dtype=np.float32)
+    for start in range(0, len(embeddings), chunk_rows):
+        chunk = np.asarray(embeddings[start : start + chunk_rows], dtype=np.float32)  # (C, D)
+        lo, hi = np.minimum(lo, chunk.min(axis=0)), np.maximum(hi, chunk.max(axis=0))
+    scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+    return lo, scale
+
+
+def sq8_encode(
+    embeddings: np.ndarray, offset: np.ndarray, scale: np.ndarray, out: np.ndarray, chunk_rows: int = 1 << 16
+) -> np.ndarray:
+    """Write the codes round((row - offset) / scale) of every row into out (N, D) uint8, chunk by chunk."""
+    for start in range(0, len(embeddings), chunk_rows):
+        chunk = np.asarray(embeddings[start : start + chunk_rows], dtype=np.float32)  # (C, D)
+        out[start : start + len(chunk)] = np.clip(np.rint((chunk - offset) / scale), 0, 255).astype(np.uint8)
+    return out
+
+
+def sq8_from_table(embeddings: np.ndarray) -> Sq8Codes:
+    """SQ8 codes of a table in memory (for benchmarks and tests; `optimize --sq8` writes them to the index)."""
+    offset, scale = sq8_params(embeddings)
+    codes = sq8_encode(embeddings, offset, scale, np.empty(embeddings.shape, dtype=np.uint8))
+    return Sq8Codes(codes, offset, scale)
+
+
+def load_sq8(codes_path: Path, params_path: Path, n: int, dim: int) -> Sq8Codes:
+    """The checked SQ8 files of an index: codes (N, D) uint8 memory-mapped, and their (2, D) offset/scale."""
+    fix = "rerun `python -m retriever.index optimize INDEX --sq8`"
+    check_npy(codes_path, (n, dim), np.dtype(np.uint8), fix)
+    check_npy(params_path, (2, dim), np.dtype(np.float32), fix)
+    params = np.load(params_path)
+    return Sq8Codes(np.load(codes_path, mmap_mode="r"), params[0], params[1])
+
+
+def rerank_exact(
+    embeddings: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact scores of the candidate rows (Q, C) against queries (Q, D), read once in row order; top-k by
+    score, then row (ties), as scores, ids (Q, k)."""
+    wanted = np.unique(candidates[candidates >= 0])  # sorted: one ordered pass over the memory map
+    rows = np.asarray(embeddings[wanted], dtype=np.float32)  # (U, D)
+    where = np.searchsorted(wanted, np.maximum(candidates, 0))  # (Q, C) into rows
+    exact = np.einsum("qcd,qd->qc", rows[where], queries, optimize=True)  # (Q, C)
+    ids = np.where(candidates >= 0, candidates, -1)
+    return merge_topk(exact.astype(np.float32), ids, k)
+
+
+class Sq8Search:
+    """SQ8 scan (int8 codes stored next to the fp16 rows; threaded, half the bytes), then an exact re-rank of
+    the best k x rerank_factor candidates with the fp16 rows.
+
+    The result is exact whenever the true top-k is among the candidates (the manifest records how often at
+    build time). Spatial filters and batches above faiss_max_queries (compute-bound: the fp16 GEMM reads
+    the table once for the whole batch) go to the exact search.
+    """
+
+    faiss_max_queries = 2
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        device: torch.device,
+        codes: Sq8Codes,
+        rerank_factor: int = 10,
+        threads: int | None = None,
+        chunk_rows: int | None = None,
+    ) -> None:
+        if codes.codes.shape != embeddings.shape:
+            raise CorruptIndexError(
+                f"SQ8 codes of shape {codes.codes.shape} for embeddings {embeddings.shape}; "
+                "rerun `python -m retriever.index optimize INDEX --sq8`"
+            )
+        self.embeddings, self.sq8, self.rerank_factor = embeddings, codes, max(1, int(rerank_factor))
+        self.scan = ThreadedScan(codes.codes, threads, view=codes.view)
+        if not self.scan.ok:
+            import_faiss()  # the usual reason a view fails: name the install
+            raise RuntimeError(
+                f"faiss {import_faiss().__version__} cannot scan memory in place; pip install 'faiss-cpu>=1.10'"
+            )
+        self.exact = ExactSearch(embeddings, device, chunk_rows, threads)
+
+    def topk(self, queries: torch.Tensor, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if rows is not None or len(queries) > self.faiss_max_queries:
+            return self.exact.topk(queries, k, rows)
+        return self.compressed_topk(np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32), k)
+
+    def compressed_topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The SQ8 scan and exact re-rank for any batch (Q, D) fp32 (one scan pass per query): scores, ids."""
+        k = min(k, len(self.embeddings))
+        _, candidates, tied = self.scan.search(queries, k * self.rerank_factor)  # (Q, kR) approximate order
+        scores, ids = rerank_exact(self.embeddings, queries, candidates, k)
+        if tied.any():  # equal codes at the candidate cut: a tied row may be missing, so search exactly
+            scores[tied], ids[tied] = self.exact.topk(torch.from_numpy(queries[tied]), k, None)
+        return scores, ids
 
 
 class FaissSearch:
@@ -264,15 +529,24 @@ class AnnSearch:
         return ann_topk(self.index, self.embeddings, q, k, self.rerank)  # scores, ids (Q, k)
 
 
-BACKENDS: dict[str, Callable[..., ExactSearch | FaissSearch | AnnSearch]] = {
+BACKENDS: dict[str, Callable[..., ExactSearch | FaissSearch | AnnSearch | Sq8Search]] = {
     "torch": ExactSearch,
     "faiss": FaissSearch,
     "ann": AnnSearch,
+    "sq8": Sq8Search,
 }
 
 
 def stored_options(backend: str, folder: Path, manifest: dict) -> dict:
-    """Options a backend reads from the index folder and its manifest: the ANN file and its settings."""
+    """Options a backend reads from the index folder and its manifest: the ANN or SQ8 files and settings."""
+    if backend == "sq8":
+        sq8 = manifest.get("sq8")
+        if not sq8:
+            raise ValueError(
+                f"{folder} has no SQ8 codes; write them with `python -m retriever.index optimize {folder} --sq8`"
+            )
+        codes = load_sq8(folder / sq8["file"], folder / sq8["params_file"], manifest["n"], manifest["dim"])
+        return {"codes": codes, "rerank_factor": int(sq8["rerank_factor"])}
     if backend != "ann":
         return {}
     ann = manifest.get("ann")
@@ -284,9 +558,13 @@ def stored_options(backend: str, folder: Path, manifest: dict) -> dict:
 
 
 def resolve_backend(manifest: dict, backend: str | None = None, exact: bool = False) -> str:
-    """The backend a load uses: the one asked for, else "ann" when the index has one (and exact is off), else "torch"."""
-    if backend == "ann" and exact:
-        raise ValueError('backend="ann" is approximate; drop exact=True or pick "torch"')
+    """The backend a load uses: the one asked for, else (exact off) "ann" when the index has one, then "sq8"
+    when it has SQ8 codes, else "torch"."""
+    if backend in ("ann", "sq8") and exact:
+        kind = "approximate" if backend == "ann" else "approximate before its re-rank (not guaranteed exact)"
+        raise ValueError(f'backend="{backend}" is {kind}; drop exact=True or pick "torch"')
     if backend is not None:
         return backend
-    return "ann" if manifest.get("ann") and not exact else "torch"
+    if exact:
+        return "torch"
+    return "ann" if manifest.get("ann") else "sq8" if manifest.get("sq8") else "torch"

@@ -22,6 +22,8 @@ MANIFEST = "manifest.json"
 THUMBNAILS = "thumbnails"
 SHARDS = ".shards"
 ANN_FILE = "ann.faiss"
+SQ8_FILE = "sq8_codes.npy"  # (N, D) uint8, written by `optimize --sq8`
+SQ8_PARAMS_FILE = "sq8_params.npy"  # (2, D) fp32: per-dimension offset, scale
 FORMAT = "geotext-retriever/tile-index"
 FORMAT_VERSION = 1  # bump when a reader of the old format would misread the new one
 DTYPES: dict[str, np.dtype] = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}  # stored precision
@@ -133,6 +135,26 @@ def check_embeddings(path: Path, manifest: dict, verify: bool) -> None:
         )
     if verify and sha256_file(path) != manifest["embeddings"]["sha256"]:
         raise CorruptIndexError(f"{path} does not match the sha256 in the manifest; rebuild the index")
+
+
+def check_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype, fix: str) -> None:
+    """Refuse a .npy file that is missing, unreadable, of another shape or dtype, or truncated; fix names the cure."""
+    if not path.is_file():
+        raise CorruptIndexError(f"{path} is missing; {fix}")
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            stored_shape, fortran, stored = NPY_HEADER_READERS[version](f)
+        except (ValueError, KeyError, EOFError) as exc:
+            raise CorruptIndexError(f"{path} is not a readable .npy file ({exc}); {fix}") from exc
+        offset = f.tell()
+    if tuple(stored_shape) != tuple(shape) or np.dtype(stored) != dtype or fortran:
+        raise CorruptIndexError(
+            f"{path} holds {tuple(stored_shape)} {np.dtype(stored)}, expected {tuple(shape)} {dtype}; {fix}"
+        )
+    size, want = path.stat().st_size, offset + int(np.prod(shape)) * dtype.itemsize
+    if size != want:
+        raise CorruptIndexError(f"{path} is truncated or padded: {size} bytes, expected {want}; {fix}")
 
 
 def open_embeddings(folder: Path, manifest: dict, verify: bool = False, mmap: bool = True) -> np.ndarray:

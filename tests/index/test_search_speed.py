@@ -1,0 +1,168 @@
+"""Threaded exact search and the SQ8 compressed mode return exactly what brute force returns, ties included."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("faiss")
+
+import retriever.index.__main__ as index_cli  # noqa: E402
+from retriever.errors import CorruptIndexError  # noqa: E402
+from retriever.index import MANIFEST, TileIndex, build_index, recall_at_k  # noqa: E402
+from retriever.index.ann import recall_queries  # noqa: E402
+from retriever.index.backends import (  # noqa: E402
+    ExactSearch,
+    Sq8Search,
+    ThreadedScan,
+    sq8_from_table,
+)
+from retriever.index.layout import SQ8_FILE, SQ8_PARAMS_FILE  # noqa: E402
+from tests.index.test_index import TableRetriever, random_gallery  # noqa: E402
+
+N, D = 3000, 32
+CPU = torch.device("cpu")
+
+
+def brute_force(
+    table: np.ndarray, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by a stable argsort of -scores: ties go to the lower row. One torch product: equal rows score equal."""
+    rows = np.arange(len(table)) if rows is None else rows
+    scores = (
+        torch.from_numpy(queries) @ torch.from_numpy(table[rows].astype(np.float32)).T
+    ).numpy()  # (Q, R)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), rows[order]
+
+
+def with_duplicates(n: int = N, dim: int = D, distinct: int = 400, seed: int = 0) -> np.ndarray:
+    """(n, dim) fp16 unit rows drawn from `distinct` rows: every query meets many exact ties."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((distinct, dim)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    return base[rng.integers(distinct, size=n)].astype(np.float16)
+
+
+def clustered(n: int = N, dim: int = D, clusters: int = 30, seed: int = 0) -> np.ndarray:
+    """(n, dim) fp16 unit rows around random centres (real galleries are clustered)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(clusters, size=n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def queries(q: int, dim: int = D, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((q, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_q", [1, 3, 64])
+@pytest.mark.parametrize("k", [1, 10, 1000, N + 5])  # 1000 and N + 5: more than the rows of one thread
+@pytest.mark.parametrize("threads", [1, 2, 7])
+def test_threaded_exact_equals_brute_force_with_ties(num_q: int, k: int, threads: int) -> None:
+    table = with_duplicates()
+    qs = queries(num_q)
+    search = ExactSearch(table, CPU, threads=threads)
+    assert search.threaded is not None and len(search.threaded.ranges) == threads
+    rows = np.sort(np.random.default_rng(2).choice(N, 1200, replace=False))  # a spatial filter's rows
+    for restrict in (None, rows):
+        want_s, want_i = brute_force(table, qs, k, restrict)
+        got_s, got_i = search.topk(torch.from_numpy(qs), k, restrict)
+        assert np.array_equal(got_i, want_i)
+        assert np.allclose(got_s, want_s, atol=1e-4)
+
+
+def test_threaded_scan_reads_the_table_in_place() -> None:
+    table = with_duplicates()
+    scan = ThreadedScan(table, threads=3)
+    assert [b - a for a, b in scan.ranges] == [1000, 1000, 1000]
+    assert all(not view.codes.is_owned for view in scan.views)  # faiss reads the array's own memory
+
+
+@pytest.mark.parametrize("num_q", [1, 2])
+def test_sq8_rerank_returns_the_exact_top_k(num_q: int) -> None:
+    table = clustered()
+    search = Sq8Search(table, CPU, sq8_from_table(table), rerank_factor=10, threads=2)
+    for seed in range(20):
+        qs = queries(num_q, seed=seed)
+        want_s, want_i = brute_force(table, qs, 10)
+        got_s, got_i = search.topk(torch.from_numpy(qs), 10, None)
+        assert np.array_equal(got_i, want_i)
+        assert np.allclose(got_s, want_s, atol=1e-4)
+
+
+def test_sq8_with_ties_and_large_k_equals_brute_force() -> None:
+    table = with_duplicates()
+    search = Sq8Search(table, CPU, sq8_from_table(table), rerank_factor=N, threads=2)  # k x r covers all rows
+    qs = queries(1)
+    for k in (1, 10, 700):
+        assert np.array_equal(search.topk(torch.from_numpy(qs), k, None)[1], brute_force(table, qs, k)[1])
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory) -> Path:
+    """An fp16 index of clustered rows with SQ8 codes written by `optimize --sq8`."""
+    tiles, _ = random_gallery(N, D)
+    vectors = dict(zip(tiles["tile_id"], clustered().astype(np.float32), strict=True))
+    out = tmp_path_factory.mktemp("sq8") / "index"
+    build_index(TableRetriever(vectors), tiles, out, shard_size=1000, thumbnail_px=0, progress=False)
+    assert (
+        index_cli.main(["optimize", str(out), "--sq8", "--rerank-factor", "10", "--recall-queries", "200"])
+        == 0
+    )
+    return out
+
+
+def test_sq8_is_recorded_in_the_manifest_and_used_on_load(compressed: Path) -> None:
+    entry = json.loads((compressed / MANIFEST).read_text())["sq8"]
+    assert entry["file"] == SQ8_FILE and entry["params_file"] == SQ8_PARAMS_FILE
+    assert entry["rerank_factor"] == 10 and entry["recall_queries"] == 200
+    assert entry["same_top10"] >= 0.995 and entry["recall@10"] >= 0.999
+    assert entry["bytes"] == (compressed / SQ8_FILE).stat().st_size
+    index = TileIndex.load(compressed)
+    assert index.backend_name == "sq8" and isinstance(index.backend, Sq8Search)
+    assert isinstance(index.backend.sq8.codes, np.memmap)
+    stored = np.load(compressed / "embeddings.npy")
+    qs = queries(1, seed=9)
+    want_s, want_i = brute_force(stored, qs, 10)
+    hits = index.search(qs, 10)[0]
+    assert [h.tile_id for h in hits] == [f"t{i:05d}" for i in want_i[0]]
+    # The recall recorded at build time is what a load reproduces on the same kind of queries.
+    rq = recall_queries(stored, 200, seed=1)
+    _, sq8_ids = index.backend.compressed_topk(rq, 10)
+    _, exact_ids = TileIndex.load(compressed, exact=True).backend.topk(torch.from_numpy(rq), 10, None)
+    assert recall_at_k(sq8_ids, exact_ids) == pytest.approx(entry["recall@10"], abs=1e-4)
+
+
+def test_exact_true_bypasses_sq8(compressed: Path) -> None:
+    index = TileIndex.load(compressed, exact=True)
+    assert index.backend_name == "torch" and isinstance(index.backend, ExactSearch)
+    with pytest.raises(ValueError, match="exact"):
+        TileIndex.load(compressed, backend="sq8", exact=True)
+
+
+def test_sq8_keeps_spatial_filters_exact(compressed: Path) -> None:
+    index = TileIndex.load(compressed)
+    stored = np.load(compressed / "embeddings.npy")
+    area = "60.15,24.95,2500"
+    mask = index.rows_within(area)
+    qs = queries(1, seed=4)
+    want_s, want_i = brute_force(stored, qs, 10, mask)
+    hits = index.search(qs, 10, within=area)[0]
+    assert [int(h.tile_id[1:]) for h in hits] == want_i[0].tolist()
+
+
+@pytest.mark.parametrize("name", [SQ8_FILE, SQ8_PARAMS_FILE])
+def test_a_truncated_sq8_file_is_refused_by_name(compressed: Path, tmp_path: Path, name: str) -> None:
+    folder = tmp_path / "index"
+    shutil.copytree(compressed, folder)
+    path = folder / name
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(CorruptIndexError, match=rf"{name}.*truncated.*optimize INDEX --sq8"):
+        TileIndex.load(folder)
+    assert TileIndex.load(folder, exact=True).backend_name == "torch"  # exact search does not read them
