@@ -55,15 +55,25 @@ def read_human(path: Path) -> HumanSet:
     )
 
 
+def footprint_hits(data: HumanSet, footprints: np.ndarray) -> np.ndarray:
+    """(Q, N) bool: which of the N footprints (EPSG:4326 polygons) holds each query's true point."""
+    points = shapely.points(data.lon, data.lat)  # (Q,)
+    return np.stack([shapely.contains(footprints, p) for p in points])
+
+
+def bm25_matrix(contexts: Sequence[str], queries: Sequence[str]) -> np.ndarray:
+    """(Q, N) BM25 scores of every query against every tile context."""
+    matcher = ContextMatcher(list(contexts))
+    return np.stack([matcher.scores(q) for q in queries])
+
+
 def per_query(order: np.ndarray, data: HumanSet, tiles) -> dict[str, np.ndarray]:
     """Per-query outcomes of a ranking `order` (Q, N) of gallery rows: error of top-1 and footprint hits."""
     top1 = order[:, 0]
     err_m = 1000.0 * haversine_km(
         data.lat, data.lon, tiles["lat"].to_numpy()[top1], tiles["lon"].to_numpy()[top1]
     )
-    points = shapely.points(data.lon, data.lat)  # (Q,)
-    footprints = np.asarray(tiles.geometry.values)  # (N,)
-    contains = np.stack([shapely.contains(footprints, p) for p in points])  # (Q, N)
+    contains = footprint_hits(data, np.asarray(tiles.geometry.values))  # (Q, N)
     hit = np.take_along_axis(contains, order, axis=1)  # (Q, N), in rank order
     return {
         "L@100": err_m <= 100,
@@ -140,17 +150,14 @@ def cross_validated_hybrid(
 
 
 def evaluate(
-    similarity: np.ndarray, contexts: dict[str, list[str]], data: HumanSet, tiles, hybrid_weight: float | None
+    similarity: np.ndarray, bm25: dict[str, np.ndarray], data: HumanSet, tiles, hybrid_weight: float | None
 ) -> dict:
-    """Every ranking's figures: pixel-only MLLM, BM25 per context column, hybrids, and random."""
+    """Every ranking's figures: pixel-only MLLM, BM25 per context column ((Q, N) each), hybrids, and random."""
     rankings: dict[str, np.ndarray] = {"pixel-only MLLM": order_of(similarity)}
-    bm25: dict[str, np.ndarray] = {}
-    for column, texts in contexts.items():
-        matcher = ContextMatcher(texts)
-        bm25[column] = np.stack([matcher.scores(q) for q in data.queries])  # (Q, N)
-        rankings[f"BM25 over {column}"] = order_of(bm25[column] + 1e-9 * similarity)  # MLLM breaks BM25 ties
+    for column, scores in bm25.items():
+        rankings[f"BM25 over {column}"] = order_of(scores + 1e-9 * similarity)  # MLLM breaks BM25 ties
     report: dict[str, object] = {}
-    hybrid_column = list(contexts)[-1]
+    hybrid_column = list(bm25)[-1]
     fused, fold_weights = cross_validated_hybrid(similarity, bm25[hybrid_column], data, tiles)
     rankings[f"hybrid over {hybrid_column}, weight cross-validated"] = order_of(fused)
     fitted = fit_weight(similarity, bm25[hybrid_column], data, tiles, np.arange(len(data.queries)))
@@ -259,14 +266,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
     missing = [c for c in columns if c not in tiles.columns]
     if missing:
         raise ValueError(f"the index has no column(s) {missing}; it has {list(tiles.columns)}")
-    contexts = {c: [str(t) for t in tiles[c]] for c in columns}
-    report = evaluate(similarity, contexts, data, tiles, args.hybrid_weight)
+    bm25 = {c: bm25_matrix([str(t) for t in tiles[c]], data.queries) for c in columns}  # (Q, N) each
+    report = evaluate(similarity, bm25, data, tiles, args.hybrid_weight)
     report["split"] = args.split
     if args.split == "dev":
-        matcher = ContextMatcher(contexts[columns[-1]])
-        bm25 = np.stack([matcher.scores(q) for q in data.queries])  # (Q, N)
         weight = choose_ranking(report)["weight"]
-        report["regression_slice"] = slice_figures(similarity, bm25, data, tiles, weight)
+        report["regression_slice"] = slice_figures(similarity, bm25[columns[-1]], data, tiles, weight)
     print(markdown(report))
     print(f"hybrid weight fitted on all of {args.split}: {report['hybrid_weight_fitted']}")
     if args.out:

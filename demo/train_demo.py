@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from demo import ADAPTER, ASSETS, GALLERY, require
 from demo.descriptions import read_records
+from demo.evaluate_human import HumanSet, footprint_hits, read_human
 from retriever._cli import run_cli
 from retriever.evaluate.metrics import first_relevant, haversine_km, recall_at_k
 from retriever.models.adapters import add_adapter, save_adapter
@@ -75,22 +76,14 @@ class Gallery:
 class HumanDev:
     """Human-written dev descriptions and the gallery tiles whose footprint holds each true point."""
 
-    texts: list[str]
+    data: HumanSet
     relevant: np.ndarray  # (Q, G) bool
-    lat: np.ndarray  # (Q,)
-    lon: np.ndarray  # (Q,)
 
 
-def load_human_dev(path: Path, footprints: Any) -> HumanDev:
-    """Read human_dev.jsonl (q, lat, lon, ...); `footprints` are the tiles' polygons in tile_ids order."""
-    import shapely
-
-    rows = read_records(path)
-    lat = np.array([float(r["lat"]) for r in rows])
-    lon = np.array([float(r["lon"]) for r in rows])
-    points = shapely.points(lon, lat)
-    relevant = np.stack([shapely.contains(np.asarray(footprints), p) for p in points])  # (Q, G)
-    return HumanDev([r["q"] for r in rows], relevant, lat, lon)
+def load_human_dev(path: Path, footprints: np.ndarray) -> HumanDev:
+    """Read human_dev.jsonl; `footprints` are the tiles' polygons in tile_ids order."""
+    data = read_human(path)
+    return HumanDev(data, footprint_hits(data, footprints))
 
 
 def load_gallery(folder: Path, val_limit: int, seed: int, human_dev: Path | None = None) -> Gallery:
@@ -109,7 +102,7 @@ def load_gallery(folder: Path, val_limit: int, seed: int, human_dev: Path | None
         contexts=[str(f) for f in meta_df["context" if "context" in meta_df.columns else "features"]],
         train=train,
         val=random.Random(seed).sample(val, min(val_limit, len(val))),
-        human=load_human_dev(human_dev, meta_df.geometry.values) if human_dev else None,
+        human=load_human_dev(human_dev, np.asarray(meta_df.geometry.values)) if human_dev else None,
     )
 
 
@@ -196,11 +189,12 @@ def validate(r: Retriever, val: Sequence[Description], gallery: Gallery) -> dict
 
 def validate_human(r: Retriever, human: HumanDev, tiles: torch.Tensor, gallery: Gallery) -> dict[str, float]:
     """hit@1/5 (a top-k footprint holds the true point) and L@150 on the human dev descriptions."""
-    q = r.encode_queries(human.texts, batch_size=64, progress=False)  # (Q, D)
+    q = r.encode_queries(human.data.queries, batch_size=64, progress=False)  # (Q, D)
     order = (q @ tiles.T).argsort(dim=1, descending=True, stable=True).numpy()  # (Q, G)
     first = first_relevant(order, human.relevant)  # (Q,)
     top = order[:, 0]
-    dist_m = 1000.0 * haversine_km(human.lat, human.lon, gallery.meta["lat"][top], gallery.meta["lon"][top])
+    lat, lon = human.data.lat, human.data.lon
+    dist_m = 1000.0 * haversine_km(lat, lon, gallery.meta["lat"][top], gallery.meta["lon"][top])
     return {
         "human_hit1": recall_at_k(first, 1),
         "human_hit5": recall_at_k(first, 5),

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from demo import ASSETS
-from demo.evaluate_human import SPLITS, read_human, similarity_matrix, slice_figures
-from retriever.index.bm25 import ContextMatcher
+from demo.evaluate_human import SPLITS, bm25_matrix, read_human, similarity_matrix, slice_figures
 
 QUALITY = ASSETS / "quality_human.json"
 
@@ -36,8 +34,7 @@ def test_committed_model_keeps_its_figures_on_the_dev_slice(recorded: dict) -> N
     data = read_human(SPLITS["dev"])
     similarity, tiles = similarity_matrix(ASSETS / "index", ASSETS / "adapter", data, "none")
     column = "context" if "context" in tiles.columns else "features"
-    matcher = ContextMatcher([str(c) for c in tiles[column]])
-    bm25 = np.stack([matcher.scores(q) for q in data.queries])  # (Q, N)
+    bm25 = bm25_matrix([str(c) for c in tiles[column]], data.queries)  # (Q, N)
     now = slice_figures(similarity, bm25, data, tiles, recorded["weight"])
     assert now["n"] == recorded["n"]
     for ranking, figures in recorded["rankings"].items():
