@@ -95,6 +95,13 @@ def fit(argv: Sequence[str] | None = None) -> int:
         return fail("Fit on a validation split, never on test (pass --split val or train).")
     if not args.data.exists():
         return fail(f"No dataset at {args.data}: pass --data the {args.protocol} folder (or JSONL file).")
+    out = args.out or Path(args.adapter or args.model) / CALIBRATION_FILE
+    if args.out is None and out.is_file() and Calibration.load(out).uses_evidence:
+        # that one was fitted with OSM evidence (python -m demo.calibrate_explain); this CLI has no evidence
+        return fail(
+            f"{out} holds an evidence-based calibration, which this command cannot refit; "
+            "pass --out to write the similarity / P(yes) calibration elsewhere."
+        )
     spec = PROTOCOLS[args.protocol]
     pairs = read_dataset(spec.dataset, args.data, **spec.data_options(args))
     retriever = retriever_from_args(args)
@@ -104,7 +111,6 @@ def fit(argv: Sequence[str] | None = None) -> int:
     explainer = Explainer(retriever, calibration=Calibration())
     examples = validation_examples(explainer, pairs, texts, images, args.k, args.max_queries, args.seed)
     cal = fit_all(examples, args.seed)
-    out = args.out or Path(args.adapter or args.model) / CALIBRATION_FILE
     cal.save(out)
     report(cal, len(examples), args.k, out)
     return 0

@@ -55,3 +55,19 @@ def test_python_m_explain_exits_2_with_error(argv: list[str], says: str) -> None
     assert done.returncode == 2, done.stderr
     assert "error:" in done.stderr and says in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_fit_cli_never_overwrites_an_evidence_calibration(tiny_model_dir, tmp_path: Path, capsys) -> None:
+    from retriever.models.config import CALIBRATION_FILE
+    from tests.data.cvgtext.data import make_cvgtext
+
+    data = make_cvgtext(tmp_path / "data", n_train=4)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    saved = Calibration(w_share=1.5, w_names=2.0, report={"fit_on": "top1"}).save(adapter / CALIBRATION_FILE)
+    before = saved.read_bytes()
+    model = str(tiny_model_dir("qwen2_vl"))
+    argv = ["--protocol", "cvgtext", "--data", str(data), "--split", "train", "--model", model]
+    code = main([*argv, "--adapter", str(adapter)])
+    assert code == 2 and "evidence-based calibration" in capsys.readouterr().err
+    assert saved.read_bytes() == before
