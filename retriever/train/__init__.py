@@ -1,4 +1,4 @@
-"""Contrastive LoRA / DoRA / QLoRA fine-tuning with GradCache, validation and resume; CLI: `python -m retriever.train`."""
+"""Contrastive LoRA / DoRA / QLoRA fine-tuning with GradCache, validation, resume, torchrun; `python -m retriever.train`."""
 
 from retriever.train.pairs import Pair, pairs_to_pairset, pairset_to_pairs
 from retriever.train.sources import TRAIN_SOURCES, load_pairs, load_pairset

@@ -1,4 +1,4 @@
-"""`python -m retriever.train`: flags generated from TrainConfig, `--config` replays a run; a user error exits 2."""
+"""`python -m retriever.train` (or `torchrun ... -m retriever.train`): flags from TrainConfig; a user error exits 2."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from retriever._cli import run_cli
+from retriever.train.distributed import env_world, joined_world
 from retriever.train.trainer import TrainConfig, Trainer
 
 LIST_FIELDS = ("targets", "train_modules")  # nargs="+"
@@ -21,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per TrainConfig field (--val-buffer-m for val_buffer_m ...), all defaulting to "not given"."""
     p = argparse.ArgumentParser(
         prog="python -m retriever.train",
-        description="Contrastive LoRA / DoRA / QLoRA fine-tuning with GradCache, validation and resume.",
+        description="Contrastive LoRA / DoRA / QLoRA fine-tuning with GradCache, validation and resume. "
+        "Under torchrun or accelerate launch, data-parallel over the ranks (--batch-size is the global batch).",
     )
     p.add_argument(
         "--config", help="JSON file of options (a saved run_config.json reproduces a run); flags win"
@@ -59,12 +61,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse, train, and return the run summary (what tests call; errors propagate)."""
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return Trainer(config).fit(resume=args.resume)
+    with joined_world(config.device) as world:  # one process, or one rank of torchrun / accelerate launch
+        logging.basicConfig(level=logging.INFO if world.is_main else logging.WARNING, format="%(message)s")
+        return Trainer(config).fit(resume=args.resume)
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    print(json.dumps(run(argv), indent=2))
+    summary = run(argv)
+    if env_world()[0] == 0:  # one summary, rank 0's
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Contrastive losses and the GradCache step that makes a large batch fit on one device."""
+"""Contrastive losses and the GradCache step that makes a large batch fit on one device (or a shard per rank)."""
 
 from __future__ import annotations
 
@@ -98,42 +98,75 @@ Embed = Callable[[Any], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# This rank's rows (b, D) -> every rank's rows (B, D) and the slice of them that is this rank's
+# (retriever.train.distributed.World.gather_rows); gradient flows back through the rank's own slice.
+Gather = Callable[[torch.Tensor, bool], tuple[torch.Tensor, slice]]
+
+
 def grad_cache_step(
-    embed: Embed, query_chunks: Sequence[Any], tile_chunks: Sequence[Any], loss_fn: LossFn
+    embed: Embed,
+    query_chunks: Sequence[Any],
+    tile_chunks: Sequence[Any],
+    loss_fn: LossFn,
+    gather_queries: Gather | None = None,
+    gather_tiles: Gather | None = None,
 ) -> float:
     """Backward a contrastive loss over a batch that is embedded chunk by chunk (GradCache, Gao et al. 2021).
 
     Pass 1 embeds every chunk without a graph; the loss is backpropagated to the embeddings only; pass 2 re-embeds
     each chunk with a graph and pushes that chunk's slice of the embedding gradient through the model. Memory is
     that of one chunk, and the parameter gradients equal those of the unchunked loss.
+
+    Across ranks (gather_queries / gather_tiles given) the chunks are this rank's shard: the pass-1 embeddings of
+    every rank are gathered, the loss is over the global batch, and each rank keeps the gradient of its own rows.
     """
 
-    def first_pass(chunks: Sequence[Any]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    def first_pass(
+        chunks: Sequence[Any], gather: Gather | None
+    ) -> tuple[torch.Tensor, slice, list[dict[str, Any]]]:
         states, embeddings = [], []
         for chunk in chunks:
             states.append(capture_rng())
             with torch.no_grad():
                 embeddings.append(embed(chunk))
-        return torch.cat(embeddings).detach().requires_grad_(), states
+        local = torch.cat(embeddings).detach()  # (b, D)
+        full, own = gather(local, False) if gather is not None else (local, slice(None))  # (B, D)
+        return full.detach().requires_grad_(), own, states
 
-    queries, query_states = first_pass(query_chunks)  # (B, D)
-    tiles, tile_states = first_pass(tile_chunks)  # (M, D)
+    queries, query_own, query_states = first_pass(query_chunks, gather_queries)  # (B, D)
+    tiles, tile_own, tile_states = first_pass(tile_chunks, gather_tiles)  # (M, D)
     loss = loss_fn(queries, tiles)
     loss.backward()  # fills queries.grad, tiles.grad (and the temperature's grad)
 
-    for chunks, states, cached in ((query_chunks, query_states, queries), (tile_chunks, tile_states, tiles)):
+    for chunks, states, cached in (
+        (query_chunks, query_states, queries.grad[query_own]),
+        (tile_chunks, tile_states, tiles.grad[tile_own]),
+    ):
         offset = 0
         for chunk, state in zip(chunks, states):
             with replay_rng(state):
                 embedding = embed(chunk)  # (b, D), with a graph this time
-            grad = cached.grad[offset : offset + embedding.shape[0]]
+            grad = cached[offset : offset + embedding.shape[0]]
             embedding.backward(grad)
             offset += embedding.shape[0]
     return float(loss.detach())
 
 
-def plain_step(embed: Embed, query_batch: Any, tile_batch: Any, loss_fn: LossFn) -> float:
-    """The unchunked reference: one forward of the whole batch, one backward."""
-    loss = loss_fn(embed(query_batch), embed(tile_batch))
+def plain_step(
+    embed: Embed,
+    query_batch: Any,
+    tile_batch: Any,
+    loss_fn: LossFn,
+    gather_queries: Gather | None = None,
+    gather_tiles: Gather | None = None,
+) -> float:
+    """The unchunked reference: one forward of the whole batch, one backward (across ranks: of this rank's shard,
+    gathered with a differentiable all-gather)."""
+    queries, tiles = embed(query_batch), embed(tile_batch)  # (b, D), (m, D)
+    if gather_queries is not None:
+        queries = gather_queries(queries, True)[0]  # (B, D)
+    if gather_tiles is not None:
+        tiles = gather_tiles(tiles, True)[0]  # (M, D)
+    loss = loss_fn(queries, tiles)
     loss.backward()
     return float(loss.detach())
