@@ -256,16 +256,23 @@ def stage_query_side(
     args: argparse.Namespace,
     log: IO[str],
 ) -> tuple[torch.Tensor, float]:
-    """Stage 1: the query side (LoRA) against one free vector per tile, initialised from each tile's OSM context.
+    """Stage 1: the query side (LoRA) against one free vector per tile.
 
-    No pixels here, so a step costs only the adapted layers: thousands of steps fit in minutes. Returns the
-    learnt tile vectors, (G, D) unit rows, and the held-out R@1 of the descriptions against them.
+    The vectors start from each tile's OSM context, or, when warm-starting from a trained adapter, from the
+    tiles' pixel embeddings, so that stage 2 only has to follow the change. No pixels are run in a step, so a
+    step costs only the adapted layers. Returns the learnt tile vectors, (G, D) unit rows, and the held-out R@1
+    of the descriptions against them.
     """
     target = torch.tensor([gallery.tile_ids.index(d.tile_id) for d in gallery.train])  # (N,) tile of each
     temperature = LearnableTemperature(args.temperature, learnable=True)
     with torch.no_grad():
-        context_states = query_path.cache([c[:400] for c in gallery.contexts])
-        tile_vectors = torch.nn.Parameter(query_path.embed(context_states).float())  # (G, D)
+        if args.init_from:
+            start_vectors = r.encode_tiles([gallery.images[i] for i in gallery.tile_ids], batch_size=32)
+        else:
+            start_vectors = query_path.embed(query_path.cache([c[:400] for c in gallery.contexts]))
+        tile_vectors = torch.nn.Parameter(
+            start_vectors.clone().float()
+        )  # (G, D); clone: out of inference mode
     optimizer = torch.optim.AdamW(
         [
             {"params": lora_params, "lr": args.lr_lora, "weight_decay": 0.0},
@@ -359,6 +366,25 @@ def stage_vision(
     return {"best": best, "final": final}
 
 
+def warm_start(r: Retriever, adapter: Path) -> None:
+    """Load a trained adapter's weights (LoRA and the saved vision tower and connector) into the fresh adapter.
+
+    The adapter must have the same rank and adapted layers; any missing or unexpected tensor is an error.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = require(
+        Path(adapter) / "adapter_model.safetensors", "--init-from needs a trained adapter folder"
+    )
+    result = set_peft_model_state_dict(r.model, {k: v.float() for k, v in load_file(weights).items()})
+    if result.unexpected_keys:
+        raise ValueError(
+            f"{adapter} does not fit this adapter (rank / layers differ): {result.unexpected_keys[:3]} ..."
+        )
+    print(f"warm start from {adapter}")
+
+
 def _check_cached_path(r: Retriever, query_path: CachedQueryPath, texts: Sequence[str]) -> None:
     """The fast path must agree with the ordinary encoder, or training optimises the wrong thing."""
     with torch.no_grad():
@@ -387,6 +413,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         targets=lora_targets(r.family.language_model_attr, start, stop),
         modules_to_save=TRAINED_MODULES,
     )
+    if args.init_from:
+        warm_start(r, args.init_from)
     query_path = CachedQueryPath(r, start)
     states = query_path.cache([d.text for d in gallery.train])
     _check_cached_path(r, query_path, [d.text for d in gallery.train[:4]])
@@ -397,7 +425,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         teacher, free_r1 = stage_query_side(r, query_path, states, gallery, lora_params, args, log)
         for param in lora_params:
             param.requires_grad_(False)
-        extra = {"trained_from": DEMO_MODEL_ID, "free_r1": free_r1}
+        extra = {
+            "trained_from": DEMO_MODEL_ID,
+            "free_r1": free_r1,
+            "warm_start": bool(args.init_from),  # from the previously committed adapter
+            "recipe": {
+                k: v for k, v in vars(args).items() if isinstance(v, int | float) and not isinstance(v, bool)
+            },
+        }
         result = stage_vision(r, gallery, teacher, vision_params, args, log, extra)
     summary = {"stage1_free_vector_r1": free_r1, **result}
     print(json.dumps(summary, indent=2))
@@ -431,6 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=ASSETS / "eval" / "human_dev.jsonl",
         help="human dev descriptions to select the checkpoint on (L@150); '' selects on generated R@1",
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="warm-start from this trained adapter folder (same rank/layers)",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
