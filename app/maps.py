@@ -1,18 +1,21 @@
-"""Folium map of ranked tiles that renders offline: inlined Leaflet/jQuery, our own tiles as overlays."""
+"""Folium map of ranked tiles that works offline: Leaflet and the gallery mosaic served by URL, updates by message."""
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import html
 import importlib
 import io
+import json
 import logging
-import re
+import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import branca.element
 import folium
@@ -22,8 +25,11 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 OSM_ATTRIBUTION = '© <a href="https://www.openstreetmap.org/copyright" target="_blank" rel="noopener">OpenStreetMap</a> contributors'
-THUMB_SIDE = 256  # px; popups and overlays share one small JPEG per tile
+THUMB_SIDE = 256  # px; popups, the gallery and the mosaic share one small JPEG per tile
 MAP_HEIGHT_PX = 520
+MOSAIC_MAX_TILES = 4000  # beyond this the basemap would cost more than it shows: the extent is outlined only
+# Relative to the page, so it also works under a proxy's path prefix; srcdoc iframes resolve against the page.
+FILE_ROUTE = "gradio_api/file="
 
 
 class HitLike(Protocol):
@@ -38,7 +44,7 @@ class HitLike(Protocol):
     image_path: str
 
 
-# --- Local copies of the JS/CSS that Folium would fetch from CDNs --------------------------------
+# --- Files the browser fetches once by URL (Gradio static paths) --------------------------------
 # Folium asset name -> (xstatic package, file). Order matters: jQuery and Leaflet load before plugins.
 LOCAL_JS: dict[str, tuple[str, str]] = {
     "jquery": ("jquery", "jquery.min.js"),
@@ -65,6 +71,7 @@ MAP_CSS = """
 .geotext-rank{box-sizing:border-box;width:26px;height:26px;border-radius:13px;border:2px solid #fff;
   display:flex;align-items:center;justify-content:center;color:#fff;font:bold 13px system-ui,sans-serif;
   box-shadow:0 1px 4px rgba(0,0,0,.5);cursor:pointer}
+.geotext-dot .geotext-rank{transform:scale(.42);font-size:0}
 .geotext-popup{font:13px/1.35 system-ui,sans-serif;min-width:200px}
 .geotext-popup img{display:block;width:150px;height:150px;object-fit:contain;margin:4px 0;border-radius:4px;background:#eee}
 .geotext-popup table{border-collapse:collapse;margin:4px 0}
@@ -72,6 +79,10 @@ MAP_CSS = """
 .geotext-popup .q,.geotext-popup .why,.geotext-popup .marks{margin:4px 0;white-space:pre-wrap;overflow-wrap:anywhere}
 .geotext-popup .mark.tile{color:#1a7f37}.geotext-popup .mark.miss{color:#b42318}.geotext-popup .mark.nearby{color:#8a6d00}
 .geotext-popup .muted{color:#777}
+.leaflet-popup-content{max-height:calc(100vh - 110px);overflow-y:auto;overscroll-behavior:contain}
+.geotext-extent-label{font:600 12px system-ui,sans-serif;color:#1f3b73;background:rgba(255,255,255,.85);
+  padding:2px 6px;border-radius:4px;white-space:nowrap;pointer-events:none;width:auto !important;height:auto !important}
+.geotext-note{font:12px system-ui,sans-serif;background:rgba(255,255,255,.92);padding:4px 8px;border-radius:4px;max-width:260px}
 .leaflet-container{background:#e8e8e8}
 """
 
@@ -80,27 +91,45 @@ def _xstatic_dir(package: str) -> Path:
     return Path(importlib.import_module(f"xstatic.pkg.{package}").BASE_DIR)
 
 
-@cache
-def _inline_js(package: str, filename: str) -> str:
-    code = (_xstatic_dir(package) / filename).read_text(encoding="utf-8")
-    code = re.sub(
-        r"//# sourceMappingURL=\S+", "", code
-    )  # the map file would be fetched relative to about:srcdoc
-    return code.replace("</script", "<\\/script")
+def thumbs_root() -> Path:
+    """The folder of content-named thumbnails: the only tile images the server hands out."""
+    root = Path(tempfile.gettempdir()) / "geotext-app-thumbs"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def assets_root() -> Path:
+    """The folder of the map's scripts and styles as served: copies, so URLs never show the server's paths."""
+    root = Path(tempfile.gettempdir()) / "geotext-app-assets"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 @cache
-def _inline_css(package: str, filename: str) -> str:
-    folder = _xstatic_dir(package)
-    css = (folder / filename).read_text(encoding="utf-8")
+def asset_file(package: str, filename: str) -> Path:
+    """An XStatic file (with the images next to it, which Leaflet's CSS names) copied into assets_root()."""
+    module = importlib.import_module(f"xstatic.pkg.{package}")
+    folder = assets_root() / f"{package}-{getattr(module, 'VERSION', 'x')}"
+    source = _xstatic_dir(package)
+    for path in [source / filename, *sorted((source / "images").glob("*.png"))]:
+        target = folder / path.relative_to(source)
+        if not target.is_file() or target.stat().st_size != path.stat().st_size:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, staging = tempfile.mkstemp(dir=target.parent, prefix=".asset-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(path.read_bytes())
+            os.replace(staging, target)
+    return folder / filename
 
-    def to_data_uri(match: re.Match[str]) -> str:
-        path = folder / match.group(1)
-        if not path.is_file():  # e.g. url(#default#VML)
-            return match.group(0)
-        return f"url(data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
 
-    return re.sub(r"url\(([^)#:]+\.png)\)", to_data_uri, css).replace("</style", "<\\/style")
+def static_dirs() -> list[Path]:
+    """Folders the app serves as static files: the map's scripts and styles, and the thumbnails."""
+    return [assets_root(), thumbs_root()]
+
+
+def file_url(path: str | Path) -> str:
+    """The URL (relative to the page) at which Gradio serves a file under static_dirs()."""
+    return FILE_ROUTE + quote(str(Path(path).resolve()), safe="/")
 
 
 def _walk(element: branca.element.Element) -> list[branca.element.Element]:
@@ -111,7 +140,7 @@ def _walk(element: branca.element.Element) -> list[branca.element.Element]:
 
 
 def use_local_assets(m: folium.Map) -> None:
-    """Swap every CDN link Folium would emit for an inline copy from the XStatic packages."""
+    """Swap every CDN link Folium would emit for the app's own copy of the file, served by URL."""
     needed_js: set[str] = set()
     needed_css: set[str] = set()
     for element in _walk(m):
@@ -125,14 +154,12 @@ def use_local_assets(m: folium.Map) -> None:
     header = m.get_root().header
     for name, (package, filename) in LOCAL_CSS.items():
         if name in needed_css:
-            header.add_child(
-                branca.element.Element(f"<style>{_inline_css(package, filename)}</style>"), name=name
-            )
+            href = text(file_url(asset_file(package, filename)))
+            header.add_child(branca.element.Element(f'<link rel="stylesheet" href="{href}">'), name=name)
     for name, (package, filename) in LOCAL_JS.items():
         if name in needed_js:
-            header.add_child(
-                branca.element.Element(f"<script>{_inline_js(package, filename)}</script>"), name=name
-            )
+            src = text(file_url(asset_file(package, filename)))
+            header.add_child(branca.element.Element(f'<script src="{src}"></script>'), name=name)
     header.add_child(branca.element.Element(f"<style>{MAP_CSS}</style>"), name="geotext_css")
 
 
@@ -173,9 +200,33 @@ def thumbnail_jpeg(path: str | Path, side: int = THUMB_SIDE) -> bytes | None:
     return _thumbnail_cached(str(path), mtime, side)
 
 
-def thumbnail_data_uri(path: str | Path, side: int = THUMB_SIDE) -> str | None:
-    data = thumbnail_jpeg(path, side)
-    return None if data is None else "data:image/jpeg;base64," + base64.b64encode(data).decode()
+@lru_cache(maxsize=8192)
+def _thumbnail_file_cached(path: str, mtime: float) -> str | None:
+    data = thumbnail_jpeg(path)
+    if data is None:
+        return None
+    target = thumbs_root() / f"{hashlib.sha256(data).hexdigest()[:32]}.jpg"
+    if not target.exists():  # written once, atomically: concurrent readers never see half a file
+        fd, staging = tempfile.mkstemp(dir=target.parent, prefix=".thumb-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(staging, target)
+    return str(target)
+
+
+def thumbnail_file(path: str | Path) -> str | None:
+    """The tile's thumbnail as a file named by its content in thumbs_root(); None when unreadable."""
+    try:
+        mtime = Path(path).stat().st_mtime
+    except OSError:
+        log.warning("thumbnail missing: %s", path)
+        return None
+    return _thumbnail_file_cached(str(path), mtime)
+
+
+def thumbnail_url(path: str | Path) -> str | None:
+    found = thumbnail_file(path)
+    return None if found is None else file_url(found)
 
 
 # --- Colours and links --------------------------------------------------------------------------
@@ -192,39 +243,133 @@ def osm_url(lat: float, lon: float, zoom: int = 18) -> str:
     return f"https://www.openstreetmap.org/?{urlencode({'mlat': f'{lat:.6f}', 'mlon': f'{lon:.6f}'})}#map={zoom}/{lat:.6f}/{lon:.6f}"
 
 
+# --- The gallery: every tile the app can answer with, as the offline basemap ----------------------
+@dataclass(frozen=True)
+class GalleryMap:
+    """The gallery's tiles as (thumbnail URL, west, south, east, north), and its extent."""
+
+    tiles: tuple[tuple[str, float, float, float, float], ...]
+    extent: tuple[float, float, float, float] | None  # west, south, east, north
+    count: int
+    label: str = "Gallery"
+
+    @classmethod
+    def from_tiles(cls, tiles: Sequence[HitLike], label: str = "Gallery") -> GalleryMap:
+        """From hit-like records of every tile; the mosaic is skipped for very large galleries."""
+        if not tiles:
+            return cls((), None, 0, label)
+        bboxes = [tuple(float(v) for v in t.bbox) for t in tiles]
+        extent = (
+            min(b[0] for b in bboxes),
+            min(b[1] for b in bboxes),
+            max(b[2] for b in bboxes),
+            max(b[3] for b in bboxes),
+        )
+        mosaic: list[tuple[str, float, float, float, float]] = []
+        if len(tiles) <= MOSAIC_MAX_TILES:
+            for tile, (w, s, e, n) in zip(tiles, bboxes, strict=True):
+                url = thumbnail_url(tile.image_path)
+                if url is not None:
+                    mosaic.append((url, w, s, e, n))
+        return cls(tuple(mosaic), extent, len(tiles), label)
+
+    def caption(self) -> str:
+        plural = "tile" if self.count == 1 else "tiles"
+        return f"{self.label}: {self.count:,} {plural}; searches answer inside this outline"
+
+
 # --- Base layers: one offline, the others need the internet -------------------------------------
+OFFLINE_NAME = "Gallery map (offline)"
 BASEMAPS: dict[str, Callable[[bool], folium.map.Layer]] = {
-    "offline": lambda show: folium.FeatureGroup(name="Result tiles only (offline)", overlay=False, show=show),
-    "osm": lambda show: folium.TileLayer(xyz.OpenStreetMap.Mapnik, name="OpenStreetMap (online)", show=show),
+    "offline": lambda show: folium.FeatureGroup(name=OFFLINE_NAME, overlay=False, show=show),
+    # the same attribution text as ours: Leaflet shows an identical line once
+    "osm": lambda show: folium.TileLayer(
+        xyz.OpenStreetMap.Mapnik, name="OpenStreetMap (online)", attr=OSM_ATTRIBUTION, show=show
+    ),
     "satellite": lambda show: folium.TileLayer(
         xyz.Esri.WorldImagery, name="Satellite, Esri (online)", show=show
     ),
 }
 
 
-class _Attribution(folium.MacroElement):
-    """Adds a permanent attribution line: our tiles and footprints come from OSM data."""
+class _Script(folium.MacroElement):
+    """A block of the map's script, rendered after the elements it refers to."""
 
-    _template = folium.template.Template(
-        "{% macro script(this, kwargs) %}{{ this._parent.get_name() }}.attributionControl"
-        ".addAttribution({{ this.text|tojson }});{% endmacro %}"
+    _template = folium.template.Template("{% macro script(this, kwargs) %}{{ this.code }}{% endmacro %}")
+
+    def __init__(self, code: str) -> None:
+        super().__init__()
+        self.code = code
+
+
+def _mosaic_js(group: str, gallery: GalleryMap) -> str:
+    tiles = json.dumps(
+        [[u, round(s, 7), round(w, 7), round(n, 7), round(e, 7)] for u, w, s, e, n in gallery.tiles]
+    )
+    return (
+        f"{tiles}.forEach(function(t){{L.imageOverlay(t[0],[[t[1],t[2]],[t[3],t[4]]],"
+        f"{{interactive:false,className:'geotext-mosaic'}}).addTo({group});}});"
     )
 
-    def __init__(self, text_html: str) -> None:
-        super().__init__()
-        self.text = text_html
 
-
-class _OpenPopup(folium.MacroElement):
-    """Opens a marker's popup once every layer is on the map (folium's `show=True` fires too early)."""
-
-    _template = folium.template.Template(
-        "{% macro script(this, kwargs) %}{{ this.marker.get_name() }}.openPopup();{% endmacro %}"
-    )
-
-    def __init__(self, marker: folium.Marker) -> None:
-        super().__init__()
-        self.marker = marker
+# The bridge between the page and the map: popups and focus arrive by postMessage from the parent page,
+# so a streamed update never redraws the map (zoom, open popup and the user's choice are kept).
+BRIDGE_JS = """
+(function(){
+  var map = %(map)s, SEARCH = %(search)s, markers = %(markers)s, bounds = %(bounds)s;
+  var offline = %(offline)s, online = %(online)s, focusSeq = -1;
+  function apply(d){
+    if (!d || d.search !== SEARCH) return;
+    var popups = d.popups || {};
+    Object.keys(popups).forEach(function(r){
+      var m = markers[r], p = m && m.getPopup();
+      if (p && p.getContent() !== popups[r]) p.setContent(popups[r]);
+    });
+    if (d.focus != null && d.focus_seq > focusSeq && markers[d.focus]) {
+      focusSeq = d.focus_seq;
+      map.closePopup();
+      map.fitBounds(bounds[d.focus], {maxZoom: 18, padding: [24, 24], animate: false});
+      markers[d.focus].openPopup();
+    }
+  }
+  window.addEventListener('message', function(e){ if (e.source === window.parent) apply(e.data); });
+  // Numbered markers that would overlap a better-ranked one shrink to dots until the user zooms in.
+  function declutter(){
+    var placed = [];
+    Object.keys(markers).map(Number).sort(function(a, b){ return a - b; }).forEach(function(r){
+      var m = markers[r], el = m.getElement();
+      if (!el) return;
+      var p = map.latLngToLayerPoint(m.getLatLng());
+      var clash = placed.some(function(q){ return Math.abs(q.x - p.x) < 28 && Math.abs(q.y - p.y) < 28; });
+      el.classList.toggle('geotext-dot', clash);
+      if (!clash) placed.push(p);
+    });
+  }
+  map.on('zoomend viewreset', declutter);
+  map.whenReady(function(){ setTimeout(declutter, 0); });
+  // An online layer that cannot load says so once and hands back to the offline map.
+  online.forEach(function(layer){
+    var failed = false;
+    layer.on('tileerror', function(){
+      if (failed) return;
+      failed = true;
+      map.removeLayer(layer);
+      if (offline && !map.hasLayer(offline)) offline.addTo(map);
+      var note = L.control({position: 'bottomleft'});
+      note.onAdd = function(){
+        var div = L.DomUtil.create('div', 'geotext-note');
+        div.textContent = (layer.options.geotextName || 'That layer') +
+          ' needs the internet and could not be reached; showing the offline gallery map.';
+        return div;
+      };
+      note.addTo(map);
+      setTimeout(function(){ note.remove(); }, 8000);
+    });
+  });
+  L.control.scale({position: 'topright'}).addTo(map);  // bottom-left would cover the attribution on a phone
+  window.parent.postMessage({geotext: 'ready', search: SEARCH}, '*');
+})();
+"""
 
 
 # --- The map ------------------------------------------------------------------------------------
@@ -253,10 +398,10 @@ def popup_html(
     query: str,
     confidence: float | None,
     reason: str | None,
-    thumb_uri: str | None,
+    thumb_url: str | None,
     marks: Sequence[tuple[str, str, str]] | None = None,
 ) -> str:
-    """The popup of one tile; every value is escaped, since jQuery parses this as live HTML."""
+    """The popup of one tile; every value is escaped, since Leaflet sets this as live HTML."""
     rows = [
         ("Rank", f"#{int(hit.rank)}"),
         ("Score", f"{float(hit.score):.3f}"),
@@ -266,8 +411,8 @@ def popup_html(
     ]
     table = "".join(f"<tr><th>{text(k)}</th><td>{text(v)}</td></tr>" for k, v in rows)
     image = (
-        f'<img src="{thumb_uri}" alt="tile {text(hit.tile_id)}">'
-        if thumb_uri
+        f'<img src="{text(thumb_url)}" width="150" height="150" alt="tile {text(hit.tile_id)}">'
+        if thumb_url
         else '<div class="muted">thumbnail unavailable</div>'
     )
     why = f'<div class="why"><b>Why:</b> <bdi>{text(reason)}</bdi></div>' if reason else ""
@@ -276,83 +421,120 @@ def popup_html(
     return f'<div class="geotext-popup">{image}<table>{table}</table>{query_html}{marks_html(marks)}{why}{link}</div>'
 
 
+def popups(
+    hits: Sequence[HitLike],
+    query: str = "",
+    confidences: Sequence[float] | None = None,
+    reasons: Mapping[int, str] | None = None,
+    marks: Mapping[int, Sequence[tuple[str, str, str]]] | None = None,
+) -> dict[str, str]:
+    """Rank (as text, a JSON key) -> popup HTML, for every hit."""
+    out = {}
+    for i, hit in enumerate(hits):
+        rank = int(hit.rank)
+        confidence = confidences[i] if confidences is not None and i < len(confidences) else None
+        out[str(rank)] = popup_html(
+            hit,
+            query,
+            confidence,
+            (reasons or {}).get(rank),
+            thumbnail_url(hit.image_path),
+            (marks or {}).get(rank),
+        )
+    return out
+
+
 def hits_to_map(
     hits: Sequence[HitLike],
     query: str = "",
     confidences: Sequence[float] | None = None,
     reasons: Mapping[int, str] | None = None,
-    focus: int | None = None,
     basemap: str = "offline",
-    overlays: bool = True,
     marks: Mapping[int, Sequence[tuple[str, str, str]]] | None = None,
+    gallery: GalleryMap | None = None,
+    search_id: str = "",
 ) -> folium.Map:
-    """Numbered markers, rank-coloured footprints and thumbnail overlays of the hits, fitted to them.
-
-    `reasons` maps a rank to its explanation, `marks` to its evidence marks; `focus` (a rank) zooms to that tile and opens its popup.
+    """Numbered markers and rank-coloured footprints of the hits over the gallery mosaic, fitted to the hits
+    (to the gallery when there are none). Later popups and focus arrive as messages tagged with search_id.
     """
     if basemap not in BASEMAPS:
         raise ValueError(f"unknown basemap {basemap!r}; choose one of {sorted(BASEMAPS)}")
-    reasons = reasons or {}
-    m = folium.Map(location=_centre(hits), zoom_start=2 if not hits else 15, tiles=None, control_scale=True)
-    for name, make in BASEMAPS.items():
-        make(name == basemap).add_to(m)
-    _Attribution(OSM_ATTRIBUTION).add_to(m)
+    m = folium.Map(location=_centre(hits), zoom_start=2 if not hits else 15, tiles=None, control_scale=False)
+    layers = {name: make(name == basemap) for name, make in BASEMAPS.items()}
+    for layer in layers.values():
+        layer.add_to(m)
+    _Script(f"{m.get_name()}.attributionControl.addAttribution({json.dumps(OSM_ATTRIBUTION)});").add_to(m)
+    if gallery is not None and gallery.tiles:
+        _Script(_mosaic_js(layers["offline"].get_name(), gallery)).add_to(m)
+    if gallery is not None and gallery.extent is not None:
+        w, s, e, n = gallery.extent
+        folium.Rectangle(
+            [[s, w], [n, e]], color="#1f3b73", weight=2, dash_array="6 4", fill=False, interactive=False
+        ).add_to(m)
+        folium.Marker(  # under the outline's south-west corner: clear of the controls at the top
+            [s, w],
+            icon=folium.DivIcon(
+                html=text(gallery.caption()), class_name="geotext-extent-label", icon_anchor=(0, -4)
+            ),
+            interactive=False,
+            keyboard=False,
+        ).add_to(m)
 
-    tiles_group = folium.FeatureGroup(name="Result tiles (images)", show=overlays).add_to(m)
     footprint_group = folium.FeatureGroup(name="Footprints").add_to(m)
     marker_group = folium.FeatureGroup(name="Ranked markers").add_to(m)
-    n = len(hits)
-    focus_hit, focus_marker = None, None
-    for i, hit in enumerate(hits):
-        colour = rank_colour(int(hit.rank), n)
+    n_hits = len(hits)
+    contents = popups(hits, query, confidences, reasons, marks)
+    marker_names: dict[str, str] = {}
+    tile_bounds: dict[str, list[list[float]]] = {}
+    for hit in hits:
+        rank = int(hit.rank)
+        colour = rank_colour(rank, n_hits)
         west, south, east, north = (float(v) for v in hit.bbox)
-        thumb_uri = thumbnail_data_uri(hit.image_path)
-        if thumb_uri:
-            folium.raster_layers.ImageOverlay(
-                image=thumb_uri, bounds=[[south, west], [north, east]], opacity=0.9, pixelated=False
-            ).add_to(tiles_group)
         folium.Polygon(
             locations=_footprint_latlons(hit),
             color=colour,
             weight=3,
             fill=True,
             fill_opacity=0.08,
-            tooltip=folium.Tooltip(text(f"#{hit.rank} footprint")),
+            tooltip=folium.Tooltip(text(f"#{rank} footprint")),
         ).add_to(footprint_group)
-        confidence = confidences[i] if confidences is not None and i < len(confidences) else None
-        popup = folium.Popup(
-            popup_html(
-                hit,
-                query,
-                confidence,
-                reasons.get(int(hit.rank)),
-                thumb_uri,
-                (marks or {}).get(int(hit.rank)),
-            ),
-            max_width=260,
-        )
         marker = folium.Marker(
             location=[float(hit.lat), float(hit.lon)],
             icon=folium.DivIcon(
-                html=f'<div class="geotext-rank" style="background:{colour}">{int(hit.rank)}</div>',
+                html=f'<div class="geotext-rank" style="background:{colour}">{rank}</div>',
                 icon_size=(26, 26),
                 icon_anchor=(13, 13),
                 class_name="geotext-marker",
             ),
-            popup=popup,
-            tooltip=folium.Tooltip(text(f"#{hit.rank} · {float(hit.score):.3f}")),
+            popup=folium.Popup(contents[str(rank)], max_width=260, auto_pan_padding=[12, 12]),
+            tooltip=folium.Tooltip(text(f"#{rank} · {float(hit.score):.3f}")),
+            z_index_offset=(n_hits - rank) * 100,  # the best ranks on top where markers overlap
         ).add_to(marker_group)
-        if focus == int(hit.rank):
-            focus_hit, focus_marker = hit, marker
+        marker_names[str(rank)] = marker.get_name()
+        tile_bounds[str(rank)] = [[south, west], [north, east]]
 
-    bounds = _bounds([focus_hit] if focus_hit is not None else hits)
-    if focus_hit is not None:  # leave room above the tile for its open popup
-        m.fit_bounds(bounds, padding_top_left=(40, 300), padding_bottom_right=(40, 16), max_zoom=18)
-    elif bounds:
+    bounds = _bounds(hits) or (
+        [[gallery.extent[1], gallery.extent[0]], [gallery.extent[3], gallery.extent[2]]]
+        if gallery is not None and gallery.extent is not None
+        else None
+    )
+    if bounds:
         m.fit_bounds(bounds, padding=(24, 24), max_zoom=18)
     folium.LayerControl(collapsed=True).add_to(m)
-    if focus_marker is not None:
-        _OpenPopup(focus_marker).add_to(m)
+    online = [layer for name, layer in layers.items() if name != "offline"]
+    for layer in online:
+        layer.options["geotextName"] = layer.layer_name
+    _Script(
+        BRIDGE_JS
+        % {
+            "map": m.get_name(),
+            "search": json.dumps(search_id),
+            "markers": "{" + ",".join(f"{json.dumps(r)}:{v}" for r, v in marker_names.items()) + "}",
+            "bounds": json.dumps(tile_bounds),
+            "offline": layers["offline"].get_name(),
+            "online": "[" + ",".join(layer.get_name() for layer in online) + "]",
+        }
+    ).add_to(m)
     use_local_assets(m)
     return m
 
@@ -383,7 +565,7 @@ def _footprint_latlons(hit: HitLike) -> list[list[float]]:
 
 
 def map_page(m: folium.Map) -> str:
-    """The map as a standalone HTML page (no external scripts or styles)."""
+    """The map as an HTML page; its scripts, styles and images are the app's own files, by URL."""
     return m.get_root().render()
 
 
@@ -397,5 +579,6 @@ def map_iframe(m: folium.Map | str, height: int = MAP_HEIGHT_PX) -> str:
     )
 
 
-def empty_map_iframe(height: int = MAP_HEIGHT_PX) -> str:
-    return map_iframe(hits_to_map([]), height)
+def empty_map_iframe(height: int = MAP_HEIGHT_PX, gallery: GalleryMap | None = None) -> str:
+    """The first view: the gallery mosaic with its extent outlined, or an empty map without a gallery."""
+    return map_iframe(hits_to_map([], gallery=gallery), height)

@@ -7,15 +7,18 @@ import html
 import json
 import re
 import sys
+import threading
+import time
 import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from PIL import Image
-from shapely.geometry import Polygon, box
+from shapely.geometry import Point, Polygon, box
 
 from app import callbacks, maps
 from app.callbacks import Engine, SearchState, UserInputError
@@ -160,12 +163,18 @@ def fitted_bounds(page: str) -> list[list[float]]:
 
 
 # --- Query checks -------------------------------------------------------------------------------
-def test_empty_query_gets_a_friendly_message_and_no_results(engine: Engine) -> None:
+def test_empty_query_gets_a_friendly_message_and_keeps_the_previous_results(engine: Engine) -> None:
     for raw in ("", "   \n\t ", None):
         view = callbacks.search(raw, 5, "", engine)
         assert "describe what you see" in view.status.lower()
-        assert view.gallery == [] and view.files == []
+        assert "previous search" not in view.status  # there was none
+        # only the status changes: every other output is left as it is on the page
+        assert (view.gallery, view.map_html, view.files, view.state, view.explanations) == (None,) * 5
         assert "Traceback" not in view.status
+    previous = callbacks.search("red", 3, "", engine).state
+    again = callbacks.search("", 5, "", engine, previous=previous)
+    assert again.gallery is None and again.state is None
+    assert "still those of your previous search" in again.status
 
 
 def test_long_query_is_truncated_with_a_notice(engine: Engine) -> None:
@@ -178,15 +187,37 @@ def test_long_query_is_truncated_with_a_notice(engine: Engine) -> None:
     assert "only its first" in view.status and len(view.gallery) == 3
 
 
-def test_short_query_is_kept_and_k_is_clamped() -> None:
+def test_short_query_is_kept_and_k_is_clamped_rounding_half_up() -> None:
     assert callbacks.clean_query("  a  red\tchurch \x00 ") == ("a red church", [])
-    assert [callbacks.clamp_k(v) for v in (0, 1, 7.4, 99, None)] == [
+    values = (0, 1, 7.4, 99, None, 2.5, 0.5, 3.5, 4.49, "6", " 2.5 ", float("nan"))
+    assert [callbacks.clamp_k(v) for v in values] == [
         1,
         1,
         7,
         callbacks.MAX_K,
         callbacks.DEFAULT_K,
+        3,  # half up, as the slider shows it (Python's round gives 2)
+        1,
+        4,
+        4,
+        6,
+        3,
+        callbacks.DEFAULT_K,
     ]
+
+
+@pytest.mark.parametrize("bad", ["abc", "", [3], {"k": 3}, True, float("inf")])
+def test_k_that_is_not_a_number_gets_a_clear_message(engine: Engine, bad: object) -> None:
+    with pytest.raises(UserInputError, match="must be a number from 1 to 20"):
+        callbacks.clamp_k(bad)
+    view = callbacks.search("red", bad, "", engine)
+    assert "K (the number of results) must be a number from 1 to 20" in view.status
+    assert view.state is None and "Traceback" not in view.status
+
+
+def test_k_two_and_a_half_returns_three_tiles(engine: Engine) -> None:
+    view = callbacks.search("red", 2.5, "", engine)
+    assert len(view.gallery) == 3 and len(view.state.hits) == 3
 
 
 @pytest.mark.parametrize("spec", ["/etc/passwd", "area.geojson", "60.1,24.9", "1,2,3,4,5", "red"])
@@ -203,7 +234,24 @@ def test_area_filter_restricts_results(engine: Engine, backend: tuple[FakeRetrie
     assert view.state.hits[0].tile_id == first.tile_id
     assert "fewer than" in view.status
     nowhere = callbacks.search("red", 5, "0,0,0.001,0.001", engine)
-    assert "No tiles lie inside that area" in nowhere.status and nowhere.gallery == []
+    assert "No tile's footprint touches that area" in nowhere.status and nowhere.gallery is None
+
+
+def test_area_inside_one_tile_returns_the_tiles_that_cover_it(engine: Engine) -> None:
+    """A 30 m circle, and a tiny box, away from every tile centre still find the footprints around them."""
+    tile = engine.rank("red", 1, None)[0]
+    west, south, east, north = tile.bbox
+    lat, lon = south + 0.2 * (north - south), west + 0.2 * (east - west)  # inside, far from the centre
+    assert abs(lat - tile.lat) > 0.0001 and abs(lon - tile.lon) > 0.0003  # > 10 m from it
+    circle = callbacks.search("blue", 10, f"{lat},{lon},30", engine)
+    assert circle.state is not None, circle.status
+    assert tile.tile_id in [h.tile_id for h in circle.state.hits]
+    point = Point(lon, lat)
+    assert all(box(*h.bbox).distance(point) < 0.001 for h in circle.state.hits)
+    tiny = callbacks.search("blue", 10, f"{lon - 1e-5},{lat - 1e-5},{lon + 1e-5},{lat + 1e-5}", engine)
+    assert tile.tile_id in [h.tile_id for h in tiny.state.hits]
+    centres = callbacks.parse_area(f"{lat},{lon},30")
+    assert not centres.contains(Point(tile.lon, tile.lat))  # a centre-based filter would have found nothing
 
 
 # --- Search ---------------------------------------------------------------------------------------
@@ -256,7 +304,7 @@ def test_library_errors_are_shown_escaped() -> None:
 
 def test_no_backend_shows_the_notice() -> None:
     view = callbacks.search("red", 5, "", None, notice="Pass `--model` and `--index`.")
-    assert "--model" in view.status and view.gallery == []
+    assert "--model" in view.status and view.gallery is None and view.state is None
 
 
 # --- hits_to_map ------------------------------------------------------------------------------------
@@ -276,7 +324,9 @@ def test_map_has_numbered_markers_popups_and_footprints(engine: Engine) -> None:
     assert page.count("L.polygon(") == 6
     assert maps.rank_colour(1, 6) in page and maps.rank_colour(6, 6) in page
     assert maps.rank_colour(1, 6) != maps.rank_colour(6, 6)
-    assert page.count("L.imageOverlay(") == 6 and "data:image/jpeg;base64," in page
+    assert "L.imageOverlay(" not in page and "data:image" not in page  # thumbnails by URL, in the popups
+    for hit in hits:
+        assert html.escape(maps.thumbnail_url(hit.image_path)) in page
     assert html.escape(maps.osm_url(hits[0].lat, hits[0].lon)) in page
     west = min(h.bbox[0] for h in hits)
     north = max(h.bbox[3] for h in hits)
@@ -285,16 +335,16 @@ def test_map_has_numbered_markers_popups_and_footprints(engine: Engine) -> None:
     assert re.search(r"attributionControl\.addAttribution\(.*OpenStreetMap.*contributors", page)
 
 
-def test_reason_and_focus_show_in_the_map(engine: Engine) -> None:
+def test_reason_shows_in_the_map_and_the_bridge_knows_every_marker(engine: Engine) -> None:
     hits = engine.rank("cyan", 3, None)
-    page = maps.map_page(maps.hits_to_map(hits, reasons={2: "a cyan roof <i>here</i>"}, focus=2))
+    page = maps.map_page(maps.hits_to_map(hits, reasons={2: "a cyan roof <i>here</i>"}, search_id="s-1"))
     assert "a cyan roof &lt;i&gt;here&lt;/i&gt;" in page
     marker_names = re.findall(r"var (marker_[0-9a-f]+) = L\.marker\(", page)
-    assert re.search(rf"{marker_names[1]}\.openPopup\(\);", page)  # the focused tile's popup opens
+    bridge = re.search(r"SEARCH = \"s-1\", markers = (\{.*?\}), bounds = (\{.*?\});", page)
+    assert bridge, "the map listens for updates of this search"
+    assert bridge.group(1) == "{" + ",".join(f'"{r}":{m}' for r, m in zip((1, 2, 3), marker_names)) + "}"
     west, south, east, north = hits[1].bbox
-    assert sum(fitted_bounds(page), []) == pytest.approx(
-        [south, west, north, east]
-    )  # zoomed to that tile only
+    assert json.loads(bridge.group(2))["2"] == [[south, west], [north, east]]  # where a focus on #2 zooms
 
 
 def test_map_escapes_xss_in_query_and_reasons(engine: Engine) -> None:
@@ -329,12 +379,24 @@ def test_search_output_never_has_live_markup(engine: Engine) -> None:
     assert "&lt;script&gt;" in view.status  # shown as text, not dropped
 
 
-def test_map_is_self_contained_offline(engine: Engine) -> None:
+def test_map_loads_only_the_apps_own_files(engine: Engine) -> None:
     hits = engine.rank("white", 4, None)
-    page = maps.map_page(maps.hits_to_map(hits, query="white"))
-    assert "jQuery v3.7.1" in page and "Leaflet 1.9.3" in page  # inlined, not linked
-    assert not re.search(r"<script[^>]+src=", page)
-    assert not re.search(r"<link[^>]+stylesheet", page)
+    page = maps.map_page(maps.hits_to_map(hits, query="white", gallery=engine.gallery))
+    urls = re.findall(r'<script src="([^"]+)"', page) + re.findall(
+        r'<link rel="stylesheet" href="([^"]+)"', page
+    )
+    urls += re.findall(r'<img src="([^"]+)"', html.unescape(page)) + re.findall(
+        r'\["(gradio_api/[^"]+)"', page
+    )
+    served = [Path(p).resolve() for p in maps.static_dirs()]
+    assert len(urls) > 4 + 16
+    for url in urls:  # every file is one the app serves, by a URL relative to the page
+        assert url.startswith(maps.FILE_ROUTE), url
+        path = Path(unquote(url.removeprefix(maps.FILE_ROUTE)))
+        assert path.is_file() and any(path.is_relative_to(d) for d in served), path
+    assert any(u.endswith("leaflet.js") for u in urls) and any(u.endswith("jquery.min.js") for u in urls)
+    assert not any(".venv" in u or "site-packages" in u for u in urls)  # no server paths in the page
+    assert len(page) < 60_000  # no inlined scripts or images
     lowered = page_without_data_uris(page).lower()
     for cdn in ("cdn", "unpkg", "jsdelivr", "code.jquery.com", "bootstrap", "googleapis", "sourcemappingurl"):
         assert cdn not in lowered, cdn
@@ -424,15 +486,17 @@ def test_no_explainer_shows_similarity_confidence(engine: Engine) -> None:
 
 
 # --- Gallery selection and downloads ---------------------------------------------------------------
-def test_selecting_a_gallery_item_focuses_the_map(engine: Engine) -> None:
+def test_selecting_a_gallery_item_sends_a_focus_message_not_a_new_map(engine: Engine) -> None:
     view = callbacks.search("green", 4, "", engine)
-    map_html, state = callbacks.focus(view.state, 2)
+    message, state = callbacks.focus(view.state, 2)
     assert state.focus == 3
-    page = html.unescape(map_html)
-    west, south, east, north = view.state.hits[2].bbox
-    assert sum(fitted_bounds(page), []) == pytest.approx([south, west, north, east])
-    assert callbacks.focus(view.state, 99)[1].focus is None  # out of range: unchanged
-    assert "L.marker(" not in html.unescape(callbacks.focus(None, 0)[0])
+    sent = json.loads(message)
+    assert sent["search"] == view.state.search_id and sent["focus"] == 3
+    assert set(sent["popups"]) == {"1", "2", "3", "4"} and view.state.hits[2].tile_id in sent["popups"]["3"]
+    again, later = callbacks.focus(state, 0)
+    assert json.loads(again)["focus_seq"] > sent["focus_seq"]  # each choice is applied once, in order
+    assert callbacks.focus(view.state, 99) == (None, view.state)  # out of range: nothing to send
+    assert callbacks.focus(None, 0) == (None, None)
 
 
 def test_downloads_are_geojson_and_csv(engine: Engine) -> None:
@@ -490,8 +554,22 @@ def test_demo_ranking_choice_is_read_from_its_file(tmp_path: Path) -> None:
 
 def test_status_names_the_ranking_and_counts_in_good_grammar() -> None:
     state = callbacks.SearchState(query="a church", hits=[object()], confidences=[0.5], basemap="offline")
-    one = callbacks.status_md(state, 0.1, [], explaining=False, ranking="hybrid: 0.3 × MLLM")
+    one = callbacks.summary_md(state, 0.1, ["Only 1 tile matched"], ranking="hybrid: 0.3 × MLLM")
     assert "The top tile" in one and "Top 1 tiles" not in one and "ranked by hybrid: 0.3 × MLLM" in one
+    assert (
+        callbacks.tiles(1) == "1 tile" and callbacks.tiles(2) == "2 tiles" and callbacks.tiles(0) == "0 tiles"
+    )
+    many = callbacks.summary_md(replace(state, hits=[object(), object()]), 0.1, [])
+    assert "**Top 2 tiles**" in many
+
+
+def test_user_text_in_the_status_is_bidi_isolated(engine: Engine) -> None:
+    query = "red \u202eevil\u2069 tail"  # an override, and a stray closer that tries to end the isolate early
+    view = callbacks.search(query, 3, "", engine)
+    shown = re.search("\u2068(.*?)\u2069", view.status).group(1)
+    assert "\u202e" in shown and "\u2069" not in shown  # the override stays inside its isolate
+    after = view.status.split("\u2069", 1)[1]
+    assert after.startswith("” · ") and "ranked by" in after and "\u202e" not in after
 
 
 def test_missing_model_or_index_gives_a_notice_not_a_crash(tmp_path: Path) -> None:
@@ -511,8 +589,17 @@ def test_build_demo_wires_search_with_a_model_queue(backend: tuple[FakeRetriever
     fns = list(demo.fns.values())
     search = next(f for f in fns if f.api_name == "search")
     assert search.concurrency_limit == 2 and search.concurrency_id == "model"
-    explain = [f for f in fns if getattr(f.fn, "__name__", "") == "on_explain"]
-    assert explain and all(f.concurrency_id == "model" for f in explain)
+    page_search = [f for f in fns if getattr(f.fn, "__name__", "") == "on_search"]
+    assert len(page_search) == 2 and all(f.concurrency_id == "model" for f in page_search)  # button, Enter
+    explain = [
+        f for f in fns if getattr(f.fn, "__name__", "") in ("on_explain", "on_explain_one", "api_explain")
+    ]
+    names = sorted(f.fn.__name__ for f in explain)
+    assert names == ["api_explain", "on_explain", "on_explain", "on_explain_one"]
+    assert all(f.concurrency_id == "explain" for f in explain)  # never ahead of a search
+    assert next(f for f in fns if f.api_name == "explain").fn.__name__ == "api_explain"
+    select = next(f for f in fns if getattr(f.fn, "__name__", "") == "on_select")
+    assert select.concurrency_limit is None  # a click on a thumbnail never queues
     plain = build_demo(None, None, notice="Pass `--model`.")
     assert not any(getattr(f.fn, "__name__", "") == "on_explain" for f in plain.fns.values())
 
@@ -606,7 +693,7 @@ def test_evidence_marks_are_shown_escaped_and_isolated(backend: tuple[FakeRetrie
     panel = next(v.explanations for v in reversed(views) if v.explanations)
     assert "✓ \u2068magenta\u2069" in panel and "✗ \u2068onerror=alert\\(1\\)&gt;\u2069" in panel
     assert "≈ nearby \u2068\u202eevil\u2069" in panel  # a right-to-left override stays inside its isolate
-    page = html.unescape(next(v.map_html for v in reversed(views) if v.map_html).split('srcdoc="', 1)[1])
+    page = "".join(json.loads(next(v.map_update for v in reversed(views) if v.map_update))["popups"].values())
     assert '<span class="mark tile" title="in this tile: magenta (kind)">✓ <bdi>magenta</bdi></span>' in page
     assert "<bdi>onerror=alert(1)&gt;</bdi>" in page
     for live in LIVE_MARKUP:
@@ -628,3 +715,100 @@ def test_erm_reranks_the_search_only_when_the_calibration_asks(backend: tuple[Fa
     before = [h.tile_id for h in plain.rank("magenta", 5, None)]
     assert [h.tile_id for h in erm.rank("magenta", 5, None)] == before[::-1]
     assert "ERM" in erm.ranking and "ERM" not in plain.ranking
+
+
+# --- Status, turns and supersession ------------------------------------------------------------------
+def test_status_says_what_runs_and_clears_when_done(backend: tuple[FakeRetriever, Any]) -> None:
+    engine = callbacks.make_engine(*backend, explainer=FakeExplainer())
+    first = callbacks.search("magenta", 5, "", engine)
+    assert "⏳" in first.status and first.status.startswith(first.state.summary)
+    assert "no explanation model is loaded" not in first.explanations  # one is: say what will come
+    views = list(
+        callbacks.explain(first.state, engine, interval_s=0.0, note=lambda: "⚠️ Please describe it first.")
+    )
+    statuses = [v.status for v in views if v.status is not None]
+    assert "Writing reasons for #1, #2, #3…" in statuses[0]
+    assert any("Writing a reason for #3…" in s for s in statuses)
+    assert "⏳" not in statuses[-1] and statuses[-1].startswith(first.state.summary)  # cleared at the end
+    assert all("Please describe it first" in s for s in statuses)  # an input error since stays shown
+
+
+def test_a_tile_beyond_the_top_three_is_explained_on_request(backend: tuple[FakeRetriever, Any]) -> None:
+    explainer = FakeExplainer()
+    engine = callbacks.make_engine(*backend, explainer=explainer)
+    first = callbacks.search("magenta", 6, "", engine)
+    auto = list(callbacks.explain(first.state, engine, interval_s=0.0))[-1].state
+    assert set(auto.reasons) == {1, 2, 3} and explainer.reason_calls == 3
+    assert "Explain the selected tile" in callbacks.explanations_md(auto, explainer=True)
+    views = list(callbacks.explain(auto, engine, interval_s=0.0, ranks=[5]))
+    assert set(views[-1].state.reasons) == {1, 2, 3, 5} and explainer.reason_calls == 4
+    assert explainer.confidence_calls == 1  # the confidence is not estimated again
+    popups = json.loads(next(v.map_update for v in reversed(views) if v.map_update))["popups"]
+    assert "Why:" in popups["5"] and "Why:" not in popups["4"]
+
+
+def test_a_reason_steps_aside_for_a_search_and_is_written_again() -> None:
+    turns = callbacks.ModelTurns()
+    started = threading.Event()
+    closed: list[int] = []
+
+    def reason(query: str, hit: Any) -> Iterator[str]:
+        try:
+            for i in range(6):
+                if i == 2 and not closed:
+                    started.set()
+                    time.sleep(0.3)  # a search arrives while this reason is being written
+                yield f"w{i} "
+        finally:
+            closed.append(1)
+
+    def search_meanwhile() -> None:
+        started.wait(5)
+        with turns.urgent():
+            time.sleep(0.6)  # still waiting for (holding) the model when the next token comes
+
+    hit = types.SimpleNamespace(
+        rank=1, score=0.5, tile_id="t", lat=0.0, lon=0.0, bbox=(0, 0, 1, 1), image_path=""
+    )
+    engine = Engine(rank=lambda q, k, w: [hit], confidence=lambda q, hits: [0.5], reason=reason, turns=turns)
+    state = SearchState(query="q", hits=[hit], confidences=[1.0], search_id="s")
+    other = threading.Thread(target=search_meanwhile)
+    other.start()
+    views = list(callbacks.explain(state, engine, interval_s=0.0))
+    other.join()
+    assert len(closed) == 2  # the first attempt was closed (its generation stops), then written again
+    assert views[-1].state.reasons[1] == "w0 w1 w2 w3 w4 w5"
+
+
+def test_a_newer_search_stops_the_older_explanations() -> None:
+    latest = callbacks.LatestSearch(max_sessions=2)
+    latest.start("alice", "s1")
+    assert latest.is_current("alice", "s1")
+    latest.note("alice", "⚠️ bad area")
+    assert latest.note_for("alice") == "⚠️ bad area"
+    latest.start("alice", "s2")
+    assert not latest.is_current("alice", "s1") and latest.is_current("alice", "s2")
+    assert latest.note_for("alice") is None  # a new search clears the old message
+    latest.start("bob", "b1")
+    latest.start("carol", "c1")  # bounded: the oldest session is forgotten
+    assert latest.is_current("alice", "anything") and not latest.is_current("carol", "x")
+
+    def reason(query: str, hit: Any) -> Iterator[str]:
+        yield from ("a ", "b ", "c ")
+
+    hit = types.SimpleNamespace(
+        rank=1, score=0.5, tile_id="t", lat=0.0, lon=0.0, bbox=(0, 0, 1, 1), image_path=""
+    )
+    engine = Engine(rank=lambda q, k, w: [hit], confidence=lambda q, hits: [0.5], reason=reason)
+    state = SearchState(query="q", hits=[hit], confidences=[1.0], search_id="old")
+    views = list(callbacks.explain(state, engine, interval_s=0.0, is_current=lambda: False))
+    assert views == []  # superseded before it wrote anything: nothing overwrites the newer results
+
+
+def test_a_search_registers_itself_before_it_hands_the_model_back(engine: Engine) -> None:
+    seen: list[bool] = []
+    view = callbacks.search("red", 3, "", engine, on_ranked=lambda: seen.append(engine.turns.pending()))
+    assert view.state is not None and seen == [True]  # older explanations wake up to a newer search
+    assert not engine.turns.pending()
+    assert callbacks.search("", 3, "", engine, on_ranked=lambda: seen.append(False)).state is None
+    assert seen == [True]  # an input error supersedes nothing

@@ -101,11 +101,18 @@ def test_search_shows_thumbnails_markers_and_popup(page, app_url, tmp_path: Path
     expect(page.locator("#geotext-explanations")).not_to_contain_text("writing", timeout=TIMEOUT_MS)
 
     frame = page.frame_locator("#geotext-map iframe")
-    expect(frame.locator(".leaflet-marker-icon")).to_have_count(K)
+    expect(frame.locator(".geotext-marker")).to_have_count(K)
     assert sorted(frame.locator(".geotext-rank").all_inner_texts(), key=int) == [
         str(r) for r in range(1, K + 1)
     ]
-    expect(frame.locator(".leaflet-image-layer")).to_have_count(K)  # our tiles as the offline basemap
+    # the offline basemap: every gallery tile, each one an image that loaded (by URL, from the app)
+    gallery = engine.gallery
+    assert gallery is not None and len(gallery.tiles) == gallery.count == 16
+    mosaic = frame.locator("img.geotext-mosaic")
+    expect(mosaic).to_have_count(gallery.count)
+    expect(mosaic.first).to_have_js_property("complete", True)
+    widths = mosaic.evaluate_all("els => els.map(e => e.complete ? e.naturalWidth : 0)")
+    assert len(widths) == gallery.count and min(widths) > 0, widths
 
     frame.locator(".geotext-rank", has_text=re.compile(r"^1$")).click()
     popup = frame.locator(".leaflet-popup-content")
@@ -118,6 +125,8 @@ def test_search_shows_thumbnails_markers_and_popup(page, app_url, tmp_path: Path
 
     # selecting a gallery item opens that tile's popup on the map
     page.locator("#geotext-gallery .thumbnail-item").nth(2).click()
+    expect(frame.locator(".leaflet-popup-content", has_text=expected[2].tile_id)).to_have_count(1)
+    expect(frame.locator(".leaflet-popup")).to_have_count(1)  # the other one has faded out
     focused = frame.locator(".leaflet-popup-content")
     expect(focused).to_contain_text(expected[2].tile_id, timeout=TIMEOUT_MS)
     expect(focused).to_contain_text("#3")
@@ -130,7 +139,7 @@ def test_injected_markup_stays_text_in_the_browser(page, app_url) -> None:
     payload = "red <script>alert(1)</script> <img src=x onerror=alert(2)> ${alert(3)}"
     search(page, url, payload, 3)
     frame = page.frame_locator("#geotext-map iframe")
-    expect(frame.locator(".leaflet-marker-icon")).to_have_count(3)
+    expect(frame.locator(".geotext-marker")).to_have_count(3)
     frame.locator(".geotext-rank", has_text=re.compile(r"^1$")).click()
     expect(frame.locator(".leaflet-popup-content")).to_contain_text("<script>alert(1)</script>")
     expect(page.locator("#geotext-status")).to_contain_text("<img src=x onerror=alert(2)>")
@@ -158,3 +167,18 @@ def test_twenty_concurrent_clients_all_succeed(app_url) -> None:
     for status, gallery in results:
         assert "Top 3 tiles" in status, status
         assert len(gallery) == 3 and all(item["caption"].startswith("#") for item in gallery)
+
+
+def test_api_answers_a_bad_k_clearly_and_says_where_explanations_are(app_url) -> None:
+    from gradio_client import Client
+
+    url, _ = app_url
+    client = Client(url, verbose=False)
+    gallery, _map, status, _panel, files = client.predict("a red roof", "many", "", api_name="/search")
+    assert "K (the number of results) must be a number from 1 to 20" in status and "many" in status
+    assert gallery == [] and files in ([], None)
+    gallery, _map, status, panel, _files = client.predict("a red roof", 2.5, "", api_name="/search")
+    assert len(gallery) == 3 and "Top 3 tiles" in status  # 2.5 rounds half up, as the slider shows it
+    assert "/explain" in status and "Explaining" not in status  # nothing is running for an API client
+    explained = client.predict("a red roof", 2.5, "", api_name="/explain")
+    assert "Why these tiles" in explained and "#3" in explained and "writing" not in explained
