@@ -191,15 +191,18 @@ class Retriever:
             raise ValueError("batch_size must be >= 1")
         if not items:
             return torch.empty(0, self.dim)
-        was_training = self.model.training
-        self.model.eval()
         starts = range(0, len(items), batch_size)
         show = progress if progress is not None else len(starts) > PROGRESS_MIN_BATCHES
-        out = [
-            self.embed(prepare(items[s : s + batch_size])).cpu()
-            for s in tqdm(starts, desc=f"Encoding {what}", disable=not show, unit="batch")
-        ]
-        self.model.train(was_training)
+        with self.model_lock:  # never while another thread has the adapter switched off (adapter_disabled)
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                out = [
+                    self.embed(prepare(items[s : s + batch_size])).cpu()
+                    for s in tqdm(starts, desc=f"Encoding {what}", disable=not show, unit="batch")
+                ]
+            finally:
+                self.model.train(was_training)
         return torch.cat(out)  # (N, D)
 
     def fingerprint(self) -> dict[str, Any]:

@@ -215,3 +215,36 @@ def test_adapter_saved_in_half_precision_reloads_close(tiny_model_dir, tmp_path:
     reloaded = load_retriever(base, adapter=tmp_path / "half")
     assert {p.dtype for p in reloaded.model.parameters()} == {torch.float32}
     torch.testing.assert_close(reloaded.encode_queries(TEXTS), q, atol=2e-3, rtol=0)
+
+
+def test_an_encode_waits_while_another_thread_has_the_adapter_off(tiny_model_dir) -> None:
+    import threading
+
+    r = load_retriever(tiny_model_dir("qwen2_vl"))
+    add_adapter(r, "lora", rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in r.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    with_adapter = r.encode_queries(TEXTS)
+    switched_off, release, got = threading.Event(), threading.Event(), {}
+
+    def generate_with_adapter_off() -> None:
+        with r.adapter_disabled():
+            switched_off.set()
+            release.wait(10)
+
+    def search() -> None:
+        got["q"] = r.encode_queries(TEXTS)
+
+    holder = threading.Thread(target=generate_with_adapter_off)
+    holder.start()
+    assert switched_off.wait(10)
+    searcher = threading.Thread(target=search)
+    searcher.start()
+    searcher.join(0.5)
+    assert searcher.is_alive() and "q" not in got  # it waits instead of encoding with the adapter off
+    release.set()
+    holder.join(10)
+    searcher.join(10)
+    torch.testing.assert_close(got["q"], with_adapter, atol=1e-6, rtol=0)
