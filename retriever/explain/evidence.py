@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 from retriever.vocabulary import STOPWORDS, Vocabulary, fold
@@ -169,7 +170,18 @@ def parse_features(text: Any) -> list[Feature]:
     """Features from a context string "Name / Name_sv (kind; words, ...; looks); ..." (or a list of them)."""
     if text is None:
         return []
-    items = [str(t) for t in text] if isinstance(text, list | tuple) else _split_top(str(text))
+    if isinstance(text, list | tuple):
+        return list(_parse_items(tuple(str(t) for t in text)))
+    return list(_parse_context(str(text)))
+
+
+@lru_cache(maxsize=4096)
+def _parse_context(text: str) -> tuple[Feature, ...]:
+    """parse_features of one context string, remembered: every search re-reads the same tiles' contexts."""
+    return _parse_items(tuple(_split_top(text)))
+
+
+def _parse_items(items: tuple[str, ...]) -> tuple[Feature, ...]:
     out = []
     for item in items:
         head, _, inner = item.partition("(")
@@ -180,7 +192,7 @@ def parse_features(text: Any) -> list[Feature]:
         words = tuple(w.strip() for p in pieces[1:] for w in p.split(",") if w.strip())
         if names:
             out.append(Feature(names, kind, words))
-    return out
+    return tuple(out)
 
 
 def categories_of(context: Mapping[str, Any]) -> tuple[str, ...]:
