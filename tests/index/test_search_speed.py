@@ -17,9 +17,12 @@ from retriever.errors import CorruptIndexError  # noqa: E402
 from retriever.index import MANIFEST, TileIndex, build_index, recall_at_k  # noqa: E402
 from retriever.index.ann import recall_queries  # noqa: E402
 from retriever.index.backends import (  # noqa: E402
+    SQ8_SCANS,
     ExactSearch,
+    Int8GemmScan,
     Sq8Search,
     ThreadedScan,
+    int8_gemm_available,
     sq8_from_table,
 )
 from retriever.index.layout import SQ8_FILE, SQ8_PARAMS_FILE  # noqa: E402
@@ -84,10 +87,15 @@ def test_threaded_scan_reads_the_table_in_place() -> None:
     assert all(not view.codes.is_owned for view in scan.views)  # faiss reads the array's own memory
 
 
-@pytest.mark.parametrize("num_q", [1, 2])
-def test_sq8_rerank_returns_the_exact_top_k(num_q: int) -> None:
+SCANS = [name for name in SQ8_SCANS if name != "int8-gemm" or int8_gemm_available()]
+
+
+@pytest.mark.parametrize("scan", SCANS)
+@pytest.mark.parametrize("num_q", [1, 2, 70])
+def test_sq8_rerank_returns_the_exact_top_k(num_q: int, scan: str) -> None:
     table = clustered()
-    search = Sq8Search(table, CPU, sq8_from_table(table), rerank_factor=10, threads=2)
+    search = Sq8Search(table, CPU, sq8_from_table(table), rerank_factor=10, threads=2, scan=scan)
+    assert search.scan_name == scan
     for seed in range(20):
         qs = queries(num_q, seed=seed)
         want_s, want_i = brute_force(table, qs, 10)
@@ -96,9 +104,10 @@ def test_sq8_rerank_returns_the_exact_top_k(num_q: int) -> None:
         assert np.allclose(got_s, want_s, atol=1e-4)
 
 
-def test_sq8_with_ties_and_large_k_equals_brute_force() -> None:
+@pytest.mark.parametrize("scan", SCANS)
+def test_sq8_with_ties_and_large_k_equals_brute_force(scan: str) -> None:
     table = with_duplicates()
-    search = Sq8Search(table, CPU, sq8_from_table(table), rerank_factor=N, threads=2)  # k x r covers all rows
+    search = Sq8Search(table, CPU, sq8_from_table(table), rerank_factor=N, threads=2, scan=scan)  # kR >= N
     qs = queries(1)
     for k in (1, 10, 700):
         assert np.array_equal(search.topk(torch.from_numpy(qs), k, None)[1], brute_force(table, qs, k)[1])
@@ -166,3 +175,34 @@ def test_a_truncated_sq8_file_is_refused_by_name(compressed: Path, tmp_path: Pat
     with pytest.raises(CorruptIndexError, match=rf"{name}.*truncated.*optimize INDEX --sq8"):
         TileIndex.load(folder)
     assert TileIndex.load(folder, exact=True).backend_name == "torch"  # exact search does not read them
+
+
+@pytest.mark.skipif(not int8_gemm_available(), reason="fbgemm's int8 GEMM is x86-only")
+def test_int8_gemm_blocks_merge_like_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-block top lists merge into the one-block answer (the query is quantized the same way)."""
+    codes = sq8_from_table(clustered())
+    qs = queries(5)
+    whole = Int8GemmScan(codes).search(qs, 50)
+    monkeypatch.setattr(Int8GemmScan, "block_rows", 700)
+    blocked = Int8GemmScan(codes)
+    assert len(blocked.blocks) == 5  # 3000 rows: 4 x 700 + 200
+    parts = blocked.search(qs, 50)
+    np.testing.assert_array_equal(parts[0], whole[0])
+    for got, want, scores in zip(parts[1], whole[1], whole[0], strict=True):
+        distinct = np.unique(scores, return_counts=True)[1] == 1  # untied scores: the same row
+        single = np.isin(scores, np.unique(scores)[distinct])
+        np.testing.assert_array_equal(got[single], want[single])
+        assert set(got) <= set(range(N))
+
+
+@pytest.mark.skipif(not int8_gemm_available(), reason="fbgemm's int8 GEMM is x86-only")
+def test_int8_gemm_scores_rank_like_the_decoded_codes() -> None:
+    """(q * scale) . (code - 128) differs from q . decoded row by a constant per query, up to 7-bit rounding."""
+    table = clustered()
+    codes = sq8_from_table(table)
+    qs = queries(3)
+    scores, ids, _ = Int8GemmScan(codes).search(qs, N)
+    decoded = codes.offset + codes.scale * codes.codes.astype(np.float32)  # (N, D)
+    for q, s, i in zip(qs, scores, ids, strict=True):
+        want = decoded[i] @ q  # (N,)
+        assert np.corrcoef(s, want)[0, 1] > 0.999
