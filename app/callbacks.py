@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import inspect
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from PIL import Image
 
 from app import heatmaps, maps
 from app.gpu import on_gpu
-from retriever.errors import EmptySelectionError, RetrieverError
+from retriever.errors import EmptySelectionError, ReasonInterrupted, RetrieverError
 from retriever.explain.calibration import DEFAULT_TEMPERATURE, similarity_probs
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class Engine:
     ranking: str = "MLLM similarity (pixels only)"  # what the page says ranked the tiles
     turns: ModelTurns = field(default_factory=ModelTurns)
     gallery: maps.GalleryMap | None = None  # every tile, for the offline basemap and the extent
+    reason_pauses: bool = False  # reasons pause between tokens for a search by themselves (own model copy)
 
 
 def footprint_mask(index: Any, within: Any) -> Any:
@@ -236,9 +238,15 @@ def make_engine(
     def confidence(query: str, hits: list[Any]) -> list[float]:
         return [float(c) for c in explainer.confidence(query, hits)]
 
+    gives_way = "yield_to" in inspect.signature(explainer.reason).parameters
+    pauses = gives_way and getattr(explainer, "own_model", False) is True
+
     @on_gpu
     def reason(query: str, hit: Any) -> Iterator[str]:
-        yield from explainer.reason(query, hit)
+        if gives_way:  # between two tokens: a waiting search or heatmap goes first
+            yield from explainer.reason(query, hit, yield_to=turns.pending)
+        else:
+            yield from explainer.reason(query, hit)
 
     def evidence(query: str, hit: Any) -> list[tuple[str, str, str]]:
         found = explainer.evidence(query, hit)
@@ -253,6 +261,7 @@ def make_engine(
         evidence=evidence if callable(getattr(explainer, "evidence", None)) else None,
         turns=turns,
         gallery=gallery,
+        reason_pauses=pauses,
     )
 
 
@@ -683,8 +692,9 @@ def _reason_text(
     interval_s: float,
     pending: Sequence[int],
 ) -> Iterator[tuple[str, SearchState | None]]:
-    """Stream one reason: (text so far, partial state to show or None). Steps aside between two tokens while
-    a search or heatmap waits for the model, then writes the reason again; stops when a newer search came."""
+    """Stream one reason: (text so far, partial state to show or None); its first words at once (the evidence
+    sentence). While a search or heatmap waits for the model, the reason pauses between two tokens (own model
+    copy) or steps aside and is written again after it; it stops when a newer search came."""
     assert engine.reason is not None
     rank = int(hit.rank)
     while True:
@@ -696,13 +706,16 @@ def _reason_text(
             for chunk in stream:
                 if not is_current():
                     return
-                if engine.turns.pending():
+                if engine.turns.pending() and not engine.reason_pauses:
                     interrupted = True
                     break
+                first = not text
                 text = (text + str(chunk))[:MAX_REASON_CHARS]
-                if time.perf_counter() - last >= interval_s:  # throttle: every push re-sends the panel
+                if first or time.perf_counter() - last >= interval_s:  # throttle: a push re-sends the panel
                     last = time.perf_counter()
                     yield text, replace(state, reasons={**state.reasons, rank: text})
+        except ReasonInterrupted:  # it gave the shared model to a search: written again once that is done
+            interrupted = True
         except Exception:
             message = internal_error(f"explaining tile #{rank}")
             yield text or f"(no explanation: {message})", None

@@ -37,6 +37,7 @@ ENV_VARS: dict[str, str] = {
     "hybrid": "GEOTEXT_HYBRID",
 }
 EXPLAIN_MODES = ("auto", "on", "off")
+OWN_MODEL_MAX_PARAMS = 1_000_000_000  # up to this size the explainer writes on a copy of its own
 BASEMAPS = ("offline", "osm", "satellite")  # keys of app.maps.BASEMAPS; kept here so parsing stays light
 
 FALLBACK_EXAMPLES = [
@@ -212,6 +213,18 @@ def _is_missing(name: str, value: str) -> bool:
     return not (name == "model" and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", value))
 
 
+def wants_own_model(retriever: Any) -> bool:
+    """Whether the explainer gets a private copy of the model: small and not quantized (the demo: ~0.6 GB).
+
+    Then a search never waits for a reason being written (measured in benchmarks/bench_app_busy.py); a large
+    or 4-bit model shares its one copy, and a reason stops between two tokens for a search instead.
+    """
+    model = getattr(retriever, "model", None)
+    if model is None or getattr(retriever, "quantization", "none") != "none":
+        return False
+    return sum(p.numel() for p in model.parameters()) <= OWN_MODEL_MAX_PARAMS
+
+
 def load_explainer(config: AppConfig, retriever: Any, index: Any = None) -> Any:
     """The Explainer when enabled and available; None otherwise (the app then shows similarity confidence)."""
     if config.explain == "off":
@@ -228,6 +241,7 @@ def load_explainer(config: AppConfig, retriever: Any, index: Any = None) -> Any:
             adapter_off=True,
             autocast_bf16=retriever.device.type == "cpu" and fast_bf16_cpu(),
             index=index,
+            own_model=wants_own_model(retriever),
         )
     except Exception as error:
         if config.explain == "on":

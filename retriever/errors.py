@@ -35,3 +35,7 @@ class DataFormatError(RetrieverError):
 
 class EmptySelectionError(RetrieverError, ValueError):
     """A spatial filter selects no tile."""
+
+
+class ReasonInterrupted(RetrieverError):
+    """A reason stopped between two tokens because a more urgent call (a search) needed the shared model."""

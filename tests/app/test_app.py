@@ -23,6 +23,7 @@ from shapely.geometry import Point, Polygon, box
 from app import callbacks, maps
 from app.callbacks import Engine, SearchState, UserInputError
 from app.config import AppConfig, demo_ranking_weight, load_backend, parse_config
+from retriever.errors import ReasonInterrupted
 from tests.fakes import COLOURS, PALETTE, FakeRetriever, solid_tile
 
 XSS_QUERY = "red <script>alert(1)</script> <img src=x onerror=alert(1)> ${alert(3)} `tick` C:\\users"
@@ -778,6 +779,74 @@ def test_a_reason_steps_aside_for_a_search_and_is_written_again() -> None:
     other.join()
     assert len(closed) == 2  # the first attempt was closed (its generation stops), then written again
     assert views[-1].state.reasons[1] == "w0 w1 w2 w3 w4 w5"
+
+
+class GivingWayExplainer(FakeExplainer):
+    """Reasons that take yield_to, like the real Explainer: on a shared model they stop with
+    ReasonInterrupted while a search waits; on their own copy (own_model) they pause and go on."""
+
+    def __init__(self, own_model: bool) -> None:
+        super().__init__()
+        self.own_model = own_model
+        self.seen_yield_to: list[bool] = []
+
+    def reason(self, query: str, hit: Any, yield_to: Any = None) -> Iterator[str]:
+        self.reason_calls += 1
+        yield "Evidence first. "
+        for i in range(4):
+            waiting = bool(yield_to and yield_to())
+            self.seen_yield_to.append(waiting)
+            if waiting and not self.own_model:
+                raise ReasonInterrupted("a search needs the model")
+            while waiting and yield_to():
+                time.sleep(0.01)
+            time.sleep(0.1)
+            yield f"w{i} "
+
+
+@pytest.mark.parametrize("own_model", [False, True])
+def test_a_search_gets_the_model_from_a_reason_that_gives_way(backend, own_model: bool) -> None:
+    explainer = GivingWayExplainer(own_model)
+    engine = callbacks.make_engine(*backend, explainer=explainer)
+    assert engine.reason_pauses is own_model
+    state = callbacks.search("magenta", 1, "", engine).state
+    searched = threading.Event()
+
+    def search_meanwhile() -> None:
+        time.sleep(0.15)  # while the reason writes its words
+        with engine.turns.urgent():
+            time.sleep(0.3)
+        searched.set()
+
+    other = threading.Thread(target=search_meanwhile)
+    other.start()
+    views = list(callbacks.explain(state, engine, interval_s=0.0))
+    other.join()
+    assert searched.is_set() and views[-1].state.reasons[1].strip() == "Evidence first. w0 w1 w2 w3"
+    if own_model:  # it saw the search waiting, paused and went on: written once
+        assert True in explainer.seen_yield_to and explainer.reason_calls == 1
+    else:  # stopped (by itself or by the page) and written again
+        assert explainer.reason_calls == 2
+
+
+def test_a_reason_interrupted_for_a_search_is_written_again() -> None:
+    calls: list[int] = []
+
+    def reason(query: str, hit: Any) -> Iterator[str]:
+        calls.append(1)
+        yield "Evidence first. "
+        if len(calls) == 1:
+            raise ReasonInterrupted("a search needs the model")  # as the Explainer does on a shared model
+        yield "The tile shows a square."
+
+    hit = types.SimpleNamespace(
+        rank=1, score=0.5, tile_id="t", lat=0.0, lon=0.0, bbox=(0, 0, 1, 1), image_path=""
+    )
+    engine = Engine(rank=lambda q, k, w: [hit], confidence=lambda q, hits: [0.5], reason=reason)
+    state = SearchState(query="q", hits=[hit], confidences=[1.0], search_id="s")
+    views = list(callbacks.explain(state, engine, interval_s=0.0))
+    assert len(calls) == 2 and views[-1].state.reasons[1] == "Evidence first. The tile shows a square."
+    assert not any("no explanation" in (v.explanations or "") for v in views)  # not shown as a failure
 
 
 def test_a_newer_search_stops_the_older_explanations() -> None:
