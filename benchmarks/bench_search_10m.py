@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--workdir", type=Path, default=Path("/work/bench10m"))
-    parser.add_argument("--ivf", default="IVF1024,PQ64", help="faiss factory of the ANN index")
+    parser.add_argument(
+        "--ivf", default="IVF1024,PQ64np", help="faiss factory (np: no polysemous training, slow and unused)"
+    )
     parser.add_argument("--nprobe", type=int, default=32)
     parser.add_argument("--ann-rerank", type=int, default=10, help="IVF-PQ: re-rank k x this exactly")
     parser.add_argument("--train-sample", type=int, default=100_000)
