@@ -3,7 +3,6 @@ kept, the offline map, the bytes per search, Enter, bidi isolation and area filt
 
 from __future__ import annotations
 
-import queue
 import re
 import threading
 import time
@@ -15,6 +14,7 @@ import pytest
 
 from app import callbacks
 from app.ui import QUERY_HINT, build_demo
+from retriever.errors import ReasonInterrupted
 from tests.app.test_app import FakeExplainer, make_fake_backend
 from tests.app.test_app_browser import TIMEOUT_MS, free_port, page, search  # noqa: F401  (page is a fixture)
 
@@ -27,37 +27,42 @@ TOKENS = 60  # 6 s per reason
 
 
 class SlowExplainer(FakeExplainer):
-    """Writes like the real explainer: a worker thread holds the model lock for a whole reason and stops at
-    the next token once the consumer goes away. Long reasons, so a popup with one must scroll."""
+    """Writes like the real Explainer on a shared model: the evidence sentence at once, then the LM's text in
+    one piece when generation ends. Its worker holds the model lock for the whole reason, so a search can only
+    get the model because the reason gives way between two tokens (yield_to), raising ReasonInterrupted.
+    Long reasons, so a popup with one must scroll."""
 
     def __init__(self, lock: threading.RLock) -> None:
         super().__init__()
         self.lock = lock
         self.stopped_early = 0
 
-    def reason(self, query: str, hit: Any) -> Iterator[str]:
+    def reason(self, query: str, hit: Any, yield_to: Any = None) -> Iterator[str]:
         self.reason_calls += 1
-        words: queue.Queue[str | None] = queue.Queue()
-        stop = threading.Event()
+        yield f"Tile {hit.tile_id} looks right here. "
+        words: list[str] = []
+        stop, gave_way = threading.Event(), threading.Event()
 
         def write() -> None:
             with self.lock:
                 for i in range(TOKENS):
-                    if stop.is_set():
+                    if stop.is_set() or (yield_to is not None and yield_to()):
                         self.stopped_early += 1
-                        break
+                        gave_way.set()
+                        return
                     time.sleep(TOKEN_S)
-                    words.put(f"Tile {hit.tile_id} word{i} looks right here. " if i == 0 else f"word{i} ")
-            words.put(None)
+                    words.append(f"word{i} ")
 
         worker = threading.Thread(target=write, daemon=True)
         worker.start()
         try:
-            while (word := words.get()) is not None:
-                yield word
+            worker.join()
         finally:
             stop.set()
             worker.join()
+        if gave_way.is_set():
+            raise ReasonInterrupted("a search needs the model")
+        yield "".join(words)
 
     def confidence(self, query: str, hits: Sequence[Any]) -> list[float]:
         with self.lock:
