@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from demo import require
 from demo.osm import METRIC_CRS, Layers, named_features
+from retriever.bm25 import ContextMatcher  # one BM25 for the baseline and the app's hybrid mode
 from retriever.errors import DataFormatError
 from retriever.evaluate.metrics import first_relevant, haversine_km, recall_at_k
-from retriever.index.bm25 import ContextMatcher  # one BM25 for the baseline and the app's hybrid mode
 
 SPLITS = ("train", "val")
 STREET_CLASSES = (

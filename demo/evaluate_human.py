@@ -19,8 +19,8 @@ import shapely
 from demo import ASSETS, GALLERY
 from retriever._cli import run_cli
 from retriever._io import write_json_atomic
+from retriever.bm25 import ContextMatcher
 from retriever.evaluate.metrics import haversine_km
-from retriever.index.bm25 import ContextMatcher
 from retriever.index.hybrid import fuse
 
 EVAL = ASSETS / "eval"

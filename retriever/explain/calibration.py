@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from retriever._io import write_json_atomic
+from retriever.errors import DataFormatError
 from retriever.models.config import CALIBRATION_FILE
 
 DEFAULT_TEMPERATURE = 0.05  # similarity softmax temperature (cosine scores of a contrastive model)
@@ -18,6 +19,8 @@ DEFAULT_RERANK_WEIGHT = 0.5  # ERM: share of the similarity in the combined scor
 LOGIT_CLIP = 1e-6  # probabilities are clipped to [eps, 1 - eps] before a logit
 TEMPERATURE_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # fit_calibration's search
 WEIGHT_GRID = tuple(float(w) for w in np.round(np.linspace(0.0, 1.0, 21), 2))  # fit_rerank_weight's search
+CALIBRATION_VERSION = 2  # 1: the fixed w_* columns of confidence_features; 2: named HIT_FEATURES with coef
+NO_MENTION_CAP = 0.05  # a query that mentions nothing the map data could check gets at most this confidence
 
 
 # -- similarity evidence and log-odds ------------------------------------------------------------------------
@@ -109,14 +112,55 @@ class Calibration:
     w_share: float = 0.0  # x the evidence support share of the hit (retriever.explain.evidence)
     w_relative: float = 0.0  # x (its share - the best share among the other hits)
     w_names: float = 0.0  # x the share of the query's names and streets that the tile supports
+    # version 2: confidence = sigmoid(coef . hit_features(features) + bias), in raw units of HIT_FEATURES
+    version: int = 1
+    features: tuple[str, ...] = ()
+    coef: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.features, self.coef = tuple(self.features), tuple(float(c) for c in self.coef)
+        if self.version > CALIBRATION_VERSION or self.version < 1:
+            raise DataFormatError(
+                f"calibration format version {self.version} is not known here (this code reads 1 to "
+                f"{CALIBRATION_VERSION}); refit it with `python -m demo.calibrate_explain`, or update the code"
+            )
+        if self.version >= 2:
+            unknown = [f for f in self.features if f not in HIT_FEATURES]
+            if unknown or len(self.features) != len(self.coef):
+                raise DataFormatError(
+                    f"calibration version {self.version}: unknown features {unknown} or {len(self.coef)} "
+                    f"weights for {len(self.features)} features; known: {', '.join(HIT_FEATURES)}"
+                )
 
     @property
     def uses_p_yes(self) -> bool:
+        if self.version >= 2:
+            return any(f == "p_yes" and c != 0.0 for f, c in zip(self.features, self.coef, strict=True))
         return self.w_yes != 0.0
 
     @property
     def uses_evidence(self) -> bool:
+        if self.version >= 2:
+            return any(f not in ("sim", "sim_margin", "p_yes") for f in self.features)
         return any(w != 0.0 for w in (self.w_share, self.w_margin, self.w_relative, self.w_names))
+
+    @property
+    def uses_bm25(self) -> bool:
+        """Whether the confidence reads each hit's BM25 z-score over the gallery (HitInputs.bm25_z)."""
+        return self.version >= 2 and any(f.startswith("bm25") for f in self.features)
+
+    def confidence_of(self, hits: HitInputs) -> np.ndarray:
+        """(k,) confidence of one query's top-k from everything known about them; capped at NO_MENTION_CAP
+        when the query mentions nothing checkable (HitInputs.mentions all 0)."""
+        if self.version >= 2:
+            conf = sigmoid(
+                hit_features(hits, self.features, self.temperature) @ np.array(self.coef) + self.bias
+            )
+        else:
+            conf = self.confidence(hits.scores, hits.p_yes, hits.share, hits.name_share)
+        if hits.mentions is not None and not np.any(np.asarray(hits.mentions) > 0):
+            conf = np.minimum(conf, NO_MENTION_CAP)
+        return conf
 
     def confidence(
         self,
@@ -127,8 +171,11 @@ class Calibration:
     ) -> np.ndarray:
         """(k,) similarity scores of one query's top-k, (k,) P(yes), (k,) support and name shares -> (k,).
 
-        Each of P(yes) and the shares may be None when its weight is 0 (it then counts as 0).
+        Each of P(yes) and the shares may be None when its weight is 0 (it then counts as 0). A version 2
+        calibration reads more (confidence_of); here the inputs it is not given count as 0.
         """
+        if self.version >= 2:
+            return self.confidence_of(HitInputs(np.asarray(scores), share, name_share, p_yes=p_yes))
         x = confidence_features(scores, self.temperature, share, p_yes, name_share)  # (k, 7)
         return sigmoid(x @ self.weights)
 
@@ -145,8 +192,10 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
-        """Read a saved calibration; keys this version does not know are ignored."""
+        """Read a saved calibration (format version 1 or 2); other keys are ignored, a newer version fails."""
         data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise DataFormatError(f"{path}: a calibration is a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -170,6 +219,62 @@ def margins(scores: np.ndarray) -> np.ndarray:
 
 
 FEATURE_NAMES = ("w_sim", "w_margin", "w_share", "w_relative", "w_names", "w_yes", "bias")
+
+# Version 2's features of a hit among one query's top-k, by name (Calibration.features picks a few).
+HIT_FEATURES: dict[str, str] = {
+    "sim": "logit of the similarity softmax at the calibration's temperature",
+    "sim_margin": "(similarity - the best other hit's) / temperature",
+    "bm25_z": "BM25 of the tile's context, z-scored over the gallery (retriever.explain.signals)",
+    "bm25_margin": "bm25_z - the best other hit's",
+    "support": "share of the query's mentions the tile supports (nearby counts half)",
+    "support_margin": "support - the best other hit's",
+    "name_share": "support share of the query's names, streets and crossings alone",
+    "name_hit": "1 when a name, street or crossing of the query is in the tile",
+    "has_name": "1 when the query names a place, street or crossing at all",
+    "miss_share": "share of the query's mentions found neither in the tile nor nearby",
+    "query_words": "log(1 + content words of the query)",
+    "p_yes": "logit of the MLLM's P(yes)",
+}
+
+
+@dataclass(frozen=True)
+class HitInputs:
+    """What the confidence of one query's top-k can read, each (k,) (query_words a count); None counts as 0."""
+
+    scores: np.ndarray  # MLLM similarity
+    share: np.ndarray | None = None  # Evidence.support_share
+    name_share: np.ndarray | None = None  # Evidence.name_share
+    bm25_z: np.ndarray | None = None
+    name_hit: np.ndarray | None = None
+    has_name: np.ndarray | None = None
+    miss_share: np.ndarray | None = None
+    mentions: np.ndarray | None = None  # number of checkable mentions (0 for an HTML probe or emoji)
+    query_words: int = 0
+    p_yes: np.ndarray | None = None
+
+
+def hit_features(hits: HitInputs, names: Sequence[str], temperature: float) -> np.ndarray:
+    """(k, len(names)): the HIT_FEATURES columns `names` of one query's top-k."""
+    s = np.asarray(hits.scores, dtype=np.float64)
+
+    def arr(value: np.ndarray | None) -> np.ndarray:
+        return np.zeros_like(s) if value is None else np.asarray(value, dtype=np.float64).reshape(s.shape)
+
+    columns = {
+        "sim": lambda: logit(similarity_probs(s, temperature)),
+        "sim_margin": lambda: margins(s) / temperature,
+        "bm25_z": lambda: arr(hits.bm25_z),
+        "bm25_margin": lambda: margins(arr(hits.bm25_z)),
+        "support": lambda: arr(hits.share),
+        "support_margin": lambda: margins(arr(hits.share)),
+        "name_share": lambda: arr(hits.name_share),
+        "name_hit": lambda: arr(hits.name_hit),
+        "has_name": lambda: arr(hits.has_name),
+        "miss_share": lambda: arr(hits.miss_share),
+        "query_words": lambda: np.full_like(s, np.log1p(hits.query_words)),
+        "p_yes": lambda: np.zeros_like(s) if hits.p_yes is None else logit(hits.p_yes),
+    }
+    return np.stack([columns[n]() for n in names], axis=1) if names else np.zeros((s.size, 0))
 
 
 def confidence_features(
@@ -221,6 +326,20 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> np.ndarray:
     """L2-regularised logistic regression (last column the unpenalised bias): (N, F), (N,) -> (F,)."""
     return _fit_logistic(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), l2=l2)
+
+
+def fit_standardised(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float, np.ndarray]:
+    """L2 logistic regression on z-scored columns (so one l2 suits every unit), folded back to raw units.
+
+    (N, F), (N,) -> (coef (F,), bias, the standardised coef (F,), comparable across features).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)  # a constant column gets weight 0 through the penalty
+    z = np.concatenate([(x - mean) / scale, np.ones((len(x), 1))], axis=1)
+    w = _fit_logistic(z, np.asarray(y, dtype=np.float64), l2=l2)
+    coef = w[:-1] / scale
+    return coef, float(w[-1] - coef @ mean), w[:-1]
 
 
 def _flatten(examples: Sequence[ValExample]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:

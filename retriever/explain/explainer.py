@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
+import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import is_dataclass, replace
 from pathlib import Path
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retriever.errors import RetrieverError
+from retriever.errors import ReasonInterrupted, RetrieverError
 from retriever.explain import heatmap as heatmaps
 from retriever.explain.calibration import Calibration, ValExample, erm_order, logit
 from retriever.explain.evidence import CheckedReason, Evidence, EvidenceFinder, check_reason
@@ -45,6 +47,7 @@ ANSWER_START = "The tile shows"  # the LM's sentence opens so, which keeps a sma
 REASON_MAX_S = 3.0  # the LM's time budget per reason (the evidence sentence is shown before it starts)
 NO_MENTION_CAP = 0.05  # confidence of a query that mentions nothing the map data could check
 P_YES_CACHE_SIZE = 64  # (query, tiles) -> P(yes): confidence and rerank of one search share a forward
+PAUSE_POLL_S = 0.01  # how often a paused reason looks whether the search it gave way to is done
 MLLM_PARTS = ("model", "processor", "tokenizer", "family", "config")  # what an explained retriever must have
 
 
@@ -108,6 +111,24 @@ class _StopFlag:
         )
 
 
+class _GiveWay:
+    """A StoppingCriteria that gives the model to something more urgent (a search) between two tokens.
+
+    With a private copy of the model (own_model) it pauses until the urgent call is done and then goes on,
+    losing nothing. On the retriever's shared model it stops (the urgent call needs the model, with the
+    adapter on), and the reason ends with ReasonInterrupted for its caller to write again later.
+    """
+
+    def __init__(self, yield_to: Callable[[], bool], pause: bool) -> None:
+        self.yield_to, self.pause, self.stopped = yield_to, pause, False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        while self.pause and self.yield_to():
+            time.sleep(PAUSE_POLL_S)
+        self.stopped = not self.pause and bool(self.yield_to())
+        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+
+
 class _SentenceEnd:
     """A StoppingCriteria that ends generation once the new tokens hold a complete sentence of >= 3 words,
     or a line break (after which a small LM starts lists, numbers and footnotes)."""
@@ -147,6 +168,7 @@ class Explainer:
         autocast_bf16: bool = False,
         index: Any = None,
         vocabulary: Any = None,
+        own_model: bool = False,
     ) -> None:
         missing = [a for a in MLLM_PARTS if not hasattr(retriever, a)]
         if missing:
@@ -175,6 +197,27 @@ class Explainer:
         self.reason_max_s = REASON_MAX_S
         self.answer_start = ANSWER_START
         self.last_checked: CheckedReason | None = None  # the latest reason's check, for benchmarks
+        # own_model: P(yes) and reasons run on a private copy (one more model in memory) with the adapter off
+        # for good, so they need no lock: a search never waits for them, and a reason pauses for a search
+        # instead of stopping.
+        self._own_model = self._copy_model() if own_model else None
+
+    def _copy_model(self) -> torch.nn.Module:
+        """A private, eval-mode copy of the retriever's model for writing, its adapter switched off once."""
+        if getattr(self.retriever, "quantization", "none") != "none":
+            raise RetrieverError("own_model copies the model: not for a quantized base; use the shared model")
+        with model_lock(self.retriever):
+            model = copy.deepcopy(self.retriever.model).eval().requires_grad_(False)
+        tuner = getattr(model, "base_model", None)
+        if self.adapter_off and hasattr(model, "get_base_model") and hasattr(tuner, "disable_adapter_layers"):
+            tuner.disable_adapter_layers()  # what peft's disable_adapter() does, kept: nothing to switch back
+            return model.get_base_model()
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @property
+    def own_model(self) -> bool:
+        """Whether writing runs on a private copy of the model (searches never wait for it)."""
+        return self._own_model is not None
 
     @property
     def finder(self) -> EvidenceFinder:
@@ -207,11 +250,15 @@ class Explainer:
     def _generator(self) -> Iterator[torch.nn.Module]:
         """The model that answers and writes, in eval mode (no dropout): the base model with the adapter off,
         or the retriever's own model. Holds the model lock: the adapter switch is global to the model."""
+        device_type = getattr(getattr(self.retriever, "device", None), "type", "cpu")
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
+        if self._own_model is not None:  # nothing is switched on this copy: no lock, searches never wait
+            with autocast:
+                yield self._own_model
+            return
         switch = (
             self.retriever.adapter_disabled() if self.adapter_off else nullcontext(self.retriever.base_model)
         )
-        device_type = getattr(getattr(self.retriever, "device", None), "type", "cpu")
-        autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
         with model_lock(self.retriever):
             was_training = self.retriever.model.training
             self.retriever.model.eval()
@@ -290,26 +337,27 @@ class Explainer:
         return out
 
     def confidence(self, query: str, hits: Sequence[HitLike]) -> list[float]:
-        """Calibrated confidence in [0, 1] per hit: similarity softmax and margin, evidence share, P(yes).
+        """Calibrated confidence in [0, 1] per hit from the calibration's features: similarity softmax and
+        margin, BM25 over the gallery, the evidence, the query's length, P(yes) (retriever.explain.calibration).
 
         P(yes) is computed only when the calibration gives it a weight. A query that mentions nothing the
         map data can check gets at most NO_MENTION_CAP.
         """
+        from retriever.explain.signals import LexicalScores, hit_inputs
+
         if not hits:
             return []
         scores = np.array([float(h.score) for h in hits])  # (k,)
         cal = self.calibration
         p_yes = self.p_yes(query, hits) if cal.uses_p_yes else None
         found = [self.evidence(query, h) for h in hits]
-        share = np.array([e.support_share for e in found])  # (k,)
-        capped = not any(e.matches for e in found)
-        names = np.array([e.name_share for e in found])  # (k,)
-        conf = (
-            cal.confidence(scores, p_yes, share, names)
-            if cal.uses_evidence
-            else cal.confidence(scores, p_yes)
-        )
-        if capped:
+        bm25_z = None  # without the index's tiles, each hit counts as the gallery's mean
+        if cal.uses_bm25 and self._index_tiles is not None:
+            if getattr(self, "_lexical", None) is None:  # BM25 over the gallery, built on first use
+                self._lexical = LexicalScores(self._index_tiles)
+            bm25_z = self._lexical.z(query, [str(getattr(h, "tile_id", "")) for h in hits])
+        conf = cal.confidence_of(hit_inputs(query, scores, found, bm25_z, p_yes))
+        if not any(e.matches for e in found):  # nothing checkable: low, whatever the similarity says
             conf = np.minimum(conf, NO_MENTION_CAP)
         return [float(c) for c in conf]
 
@@ -341,8 +389,12 @@ class Explainer:
         hit: HitLike | ImageLike,
         max_new_tokens: int = REASON_TOKENS,
         do_sample: bool = False,
+        yield_to: Callable[[], bool] | None = None,
     ) -> Iterator[str]:
         """Stream a reason grounded in the evidence: yields text increments.
+
+        yield_to() is True while something more urgent waits for the model: generation pauses between two
+        tokens (own_model), or stops and raises ReasonInterrupted after the evidence sentence (shared model).
 
         First the sentence built from the evidence (what matches, what is nearby, what does not: true by
         construction, so it shows at once); then the LM's one sentence, written with the adapter off from the
@@ -352,7 +404,7 @@ class Explainer:
         found = self.evidence(query, hit)
         checked = check_reason("", found, self.finder.vocabulary)
         yield checked.plain
-        text = "".join(self.write(query, hit, found, max_new_tokens, do_sample))
+        text = "".join(self.write(query, hit, found, max_new_tokens, do_sample, yield_to))
         checked = check_reason(text, found, self.finder.vocabulary, self.finder.gallery_names)
         self.last_checked = checked
         if checked.kept:
@@ -365,6 +417,7 @@ class Explainer:
         found: Evidence,
         max_new_tokens: int = REASON_TOKENS,
         do_sample: bool = False,
+        yield_to: Callable[[], bool] | None = None,
     ) -> Iterator[str]:
         """The LM's raw text for a hit, streamed: the chat template with the image, the description and the
         evidence; an n-gram ban and a repetition penalty; stops after its first complete sentence."""
@@ -386,9 +439,10 @@ class Explainer:
         streamer = TextIteratorStreamer(self.retriever.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = threading.Event()
         failure: list[BaseException] = []
+        give_way = _GiveWay(yield_to, pause=self.own_model) if yield_to is not None else None
         worker = threading.Thread(
             target=self._generate,
-            args=(batch, streamer, stop, failure, max_new_tokens, do_sample),
+            args=(batch, streamer, stop, failure, max_new_tokens, do_sample, give_way),
             daemon=True,
         )
         worker.start()
@@ -401,6 +455,8 @@ class Explainer:
             worker.join()
         if failure:
             raise failure[0]
+        if give_way is not None and give_way.stopped:
+            raise ReasonInterrupted("the reason gave the model to a more urgent call; write it again later")
 
     def _generate(
         self,
@@ -410,6 +466,7 @@ class Explainer:
         failure: list[BaseException],
         max_new_tokens: int,
         do_sample: bool,
+        give_way: _GiveWay | None = None,
     ) -> None:
         """The reason's worker thread: owns the model lock and the adapter switch for the whole run."""
         from transformers import StoppingCriteriaList
@@ -433,6 +490,7 @@ class Explainer:
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList(
                         [_StopFlag(stop), _SentenceEnd(self.retriever.tokenizer, length)]
+                        + ([give_way] if give_way is not None else [])
                     ),
                     pad_token_id=self.retriever.tokenizer.pad_token_id,
                 )

@@ -15,9 +15,9 @@ import torch
 from shapely.geometry.base import BaseGeometry
 
 from retriever._io import pick_device
+from retriever.bm25 import CONTEXT_COLUMNS, ContextMatcher
 from retriever.errors import CorruptIndexError, IndexMismatchError
 from retriever.index.backends import BACKENDS, resolve_backend, stored_options
-from retriever.index.bm25 import CONTEXT_COLUMNS, ContextMatcher
 from retriever.index.hits import Hit, json_safe
 from retriever.index.layout import TILES, open_embeddings, read_manifest, stored_fingerprint
 from retriever.index.spatial import parse_within, select

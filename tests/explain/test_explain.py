@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 from PIL import Image
 
 from retriever import load_retriever
+from retriever.errors import ReasonInterrupted
 from retriever.explain import (
     Calibration,
     Explainer,
@@ -150,6 +153,57 @@ def test_reason_can_be_abandoned_early(retrievers, hits) -> None:
     next(stream)
     stream.close()  # stops the generation thread and leaves the adapter context
     assert ex.p_yes(QUERY, hits[:2]).shape == (2,)
+
+
+def adapted(tiny_model_dir) -> object:
+    """A tiny idefics3 retriever with a LoRA that matters (a fresh one is the identity)."""
+    r = add_adapter(load_retriever(tiny_model_dir("idefics3")), "lora", rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in r.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return r
+
+
+def test_own_model_writes_like_the_shared_model_with_the_adapter_off(tiny_model_dir, hits) -> None:
+    r = adapted(tiny_model_dir)
+    shared, own = Explainer(r, cache_size=0), Explainer(r, cache_size=0, own_model=True)
+    assert own.own_model and not shared.own_model
+    np.testing.assert_allclose(own.p_yes(QUERY, hits), shared.p_yes(QUERY, hits), atol=1e-5, rtol=0)
+    assert "".join(own.reason(QUERY, hits[1], max_new_tokens=12)) == "".join(
+        shared.reason(QUERY, hits[1], max_new_tokens=12)
+    )
+    with r.model_lock:  # another thread holding the retriever's model (a search) does not block the copy
+        done: list[np.ndarray] = []
+        worker = threading.Thread(target=lambda: done.append(own.p_yes(QUERY, hits[:2])))
+        worker.start()
+        worker.join(timeout=60)
+        assert done and done[0].shape == (2,)
+    assert any("lora" in n for n, _ in r.model.named_parameters())  # the retriever keeps its adapter
+
+
+def test_a_reason_on_its_own_model_pauses_for_a_search_and_loses_nothing(tiny_model_dir, hits) -> None:
+    own = Explainer(adapted(tiny_model_dir), own_model=True)
+    calm = "".join(own.reason(QUERY, hits[1], max_new_tokens=12))
+    asked: list[float] = []
+
+    def search_waits() -> bool:  # a search waits for the first 0.3 s of the generation
+        asked.append(time.perf_counter())
+        return asked[-1] - asked[0] < 0.3
+
+    paused = "".join(own.reason(QUERY, hits[1], max_new_tokens=12, yield_to=search_waits))
+    assert paused == calm
+    assert asked[-1] - asked[0] >= 0.3 and len(asked) > 5  # it polled while paused, then went on
+
+
+def test_a_reason_on_the_shared_model_stops_for_a_search(retrievers, hits) -> None:
+    ex = Explainer(retrievers("idefics3"))
+    stream = ex.reason(QUERY, hits[1], max_new_tokens=30, yield_to=lambda: True)
+    first = next(stream)  # the evidence sentence comes before the LM runs
+    assert first
+    with pytest.raises(ReasonInterrupted):
+        list(stream)
+    assert ex.p_yes(QUERY, hits[:2]).shape == (2,)  # the model was handed back
 
 
 SIGN_QUERY = "Stokman on Aleksanterinkatu, a theatre"

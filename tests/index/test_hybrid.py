@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
+from retriever.bm25 import ContextMatcher, fold
 from retriever.index import TileIndex, build_index
-from retriever.index.bm25 import ContextMatcher, fold
 from retriever.index.hybrid import fuse, hybrid_search
 from tests.fakes import COLOURS, FakeRetriever, solid_tile
 

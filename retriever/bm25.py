@@ -1,10 +1,10 @@
-"""BM25 over one context string per tile (e.g. its OSM names), with accent folding and stopwords."""
+"""BM25 over one context string per tile (its OSM names and kind words): hybrid search and the confidence share it."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -35,14 +35,15 @@ def tokenize(text: str) -> list[str]:
 
 
 class ContextMatcher:
-    """BM25 (rank_bm25.BM25Okapi) over one context string per tile."""
+    """BM25 (rank_bm25.BM25Okapi) over one context string per tile; words by `tokenize`."""
 
-    def __init__(self, contexts: Sequence[str]) -> None:
+    def __init__(self, contexts: Sequence[str], tokenize: Callable[[str], list[str]] = tokenize) -> None:
         from rank_bm25 import BM25Okapi
 
         self.size = len(contexts)
+        self.tokenize = tokenize
         self._bm25 = BM25Okapi([tokenize(c) or ["_"] for c in contexts])
 
     def scores(self, query: str) -> np.ndarray:
         """(N,) BM25 score of every tile for one query."""
-        return np.asarray(self._bm25.get_scores(tokenize(query)), dtype=np.float64)
+        return np.asarray(self._bm25.get_scores(self.tokenize(query)), dtype=np.float64)
