@@ -7,6 +7,7 @@ IVF-PQ (+ exact re-rank), each cold (the files' pages dropped from the page cach
 next to the bounds: the table read at the disk's and at RAM's measured sequential bandwidth. Recall@10 of SQ8
 and IVF-PQ against exact on the same queries (noisy stored rows). Peak resident memory after each phase.
 Run: python -m benchmarks.bench_search_10m [--n 10000000] [--workdir /work/bench10m] [--keep]
+(or --phase build, which may run beside other work, then --phase measure on a quiet machine)
 """
 
 from __future__ import annotations
@@ -118,6 +119,37 @@ def ram_bandwidth(table: np.ndarray, rows: int, repeats: int) -> float:
     return words.numel() * 8 / warm_median(lambda: words.sum(), repeats) / GB
 
 
+def build_files(
+    args: argparse.Namespace, table_path: Path, codes_path: Path, params_path: Path, ivf_path: Path
+) -> dict:
+    """Write the fp16 table, its SQ8 codes and params, and the trained, filled IVF-PQ index; seconds and peak RSS."""
+    faiss = import_faiss()
+    build = {"table_s": write_table(table_path, args.n, args.dim)}
+    table = np.load(table_path, mmap_mode="r")  # (N, D) fp16, on disk
+    start = time.perf_counter()
+    offset, scale = sq8_params(table)
+    codes = np.lib.format.open_memmap(codes_path, mode="w+", dtype=np.uint8, shape=table.shape)
+    sq8_encode(table, offset, scale, codes)
+    codes.flush()
+    del codes
+    np.save(params_path, np.stack([offset, scale]))
+    build["sq8_codes_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ivf = faiss.index_factory(args.dim, args.ivf, faiss.METRIC_INNER_PRODUCT)
+    sample = np.sort(np.random.default_rng(0).choice(args.n, args.train_sample, replace=False))
+    ivf.train(np.asarray(table[sample], dtype=np.float32))
+    build["ivf_train_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for lo in tqdm(range(0, args.n, CHUNK), desc=f"adding to {args.ivf}", unit="chunk"):
+        ivf.add(np.asarray(table[lo : lo + CHUNK], dtype=np.float32))
+    faiss.write_index(ivf, str(ivf_path))
+    build["ivf_add_s"] = time.perf_counter() - start
+    build["peak_rss_gb"] = peak_rss_gb()
+    build["threads"] = torch.get_num_threads()
+    build["factory"] = args.ivf
+    return build
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,37 +167,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=20, help="recall queries (noisy stored rows)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the 30 GB of files")
+    parser.add_argument(
+        "--phase",
+        choices=["all", "build", "measure"],
+        default="all",
+        help="build: write the files and keep them; measure: time the kept files (quiet machine)",
+    )
     args = parser.parse_args(argv)
     faiss = import_faiss()
     args.workdir.mkdir(parents=True, exist_ok=True)
     table_path, codes_path = args.workdir / "embeddings.npy", args.workdir / "sq8_codes.npy"
+    params_path, ivf_path, built_path = (
+        args.workdir / f for f in ("sq8_params.npy", "ivf.faiss", "build.json")
+    )
     report: dict[str, object] = {"n": args.n, "dim": args.dim, "threads": torch.get_num_threads()}
     try:
-        # -- build ------------------------------------------------------------------------------------------
-        build = {"table_s": write_table(table_path, args.n, args.dim)}
+        if args.phase in ("all", "build"):
+            build = build_files(args, table_path, codes_path, params_path, ivf_path)
+            built_path.write_text(json.dumps(build))
+            if args.phase == "build":
+                print(json.dumps(build, indent=1))
+                return
+        build = json.loads(built_path.read_text())
         table = np.load(table_path, mmap_mode="r")  # (N, D) fp16, on disk
-        start = time.perf_counter()
-        offset, scale = sq8_params(table)
-        codes = np.lib.format.open_memmap(codes_path, mode="w+", dtype=np.uint8, shape=table.shape)
-        sq8_encode(table, offset, scale, codes)
-        codes.flush()
-        del codes
-        build["sq8_codes_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        ivf = faiss.index_factory(args.dim, args.ivf, faiss.METRIC_INNER_PRODUCT)
-        sample = np.sort(np.random.default_rng(0).choice(args.n, args.train_sample, replace=False))
-        ivf.train(np.asarray(table[sample], dtype=np.float32))
-        build["ivf_train_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        for lo in tqdm(range(0, args.n, CHUNK), desc=f"adding to {args.ivf}", unit="chunk"):
-            ivf.add(np.asarray(table[lo : lo + CHUNK], dtype=np.float32))
+        offset, scale = np.load(params_path)
+        ivf = faiss.read_index(str(ivf_path))
         faiss.ParameterSpace().set_index_parameters(ivf, f"nprobe={args.nprobe}")
-        build["ivf_add_s"] = time.perf_counter() - start
-        build["peak_rss_gb"] = peak_rss_gb()
         sizes = {
             "table_gb": table_path.stat().st_size / GB,
             "sq8_gb": codes_path.stat().st_size / GB,
-            "ivf_gb": ivf.sa_code_size() * args.n / GB,
+            "ivf_gb": ivf_path.stat().st_size / GB,
         }
         report.update(build=build, sizes=sizes)
         print(json.dumps(report, indent=1), flush=True)
@@ -231,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"\n{args.n:,} x {args.dim} fp16 ({sizes['table_gb']:.1f} GB), threads={report['threads']}")
         print(
-            f"build: table {build['table_s']:.0f} s, SQ8 codes {build['sq8_codes_s']:.0f} s, {args.ivf} train "
+            f"build: table {build['table_s']:.0f} s, SQ8 codes {build['sq8_codes_s']:.0f} s, {build['factory']} train "
             f"{build['ivf_train_s']:.0f} s + add {build['ivf_add_s']:.0f} s, SQ8 pack {rows['sq8']['pack_s']:.0f} s"
         )
         print(
@@ -248,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"peak RSS {report['peak_rss_gb']:.1f} GB")
         print(json.dumps(report, default=float))
     finally:
-        if not args.keep:
+        if not args.keep and args.phase != "build":
             shutil.rmtree(args.workdir, ignore_errors=True)
 
 
