@@ -147,8 +147,12 @@ def _add_build(build: argparse.ArgumentParser) -> None:
 
 def _add_optimize(opt: argparse.ArgumentParser) -> None:
     opt.add_argument("index", help="index folder written by build")
-    mode = opt.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--faiss", help='faiss factory string, e.g. "IVF4096,PQ64" or "HNSW32"')
+    mode = opt.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--faiss",
+        help='faiss factory string, e.g. "IVF4096,PQ64" or "HNSW32" '
+        "(default: chosen from N and D by retriever.index.ann.default_ann, with its params and re-rank)",
+    )
     mode.add_argument(
         "--sq8",
         action="store_true",
@@ -168,7 +172,9 @@ def _add_optimize(opt: argparse.ArgumentParser) -> None:
         "--params", help='raw faiss ParameterSpace string, e.g. "nprobe=16,quantizer_efSearch=64"'
     )
     opt.add_argument(
-        "--rerank", type=int, default=0, help="re-score k x RERANK candidates exactly (0 = off; 10 for PQ)"
+        "--rerank",
+        type=int,
+        help="re-score k x RERANK candidates exactly (0 = off; 10 for PQ; default: 0, or the default rule's)",
     )
     opt.add_argument("--recall-queries", type=int, default=1000, help="queries for the recall@10 check")
     opt.add_argument("--seed", type=int, default=0)
@@ -192,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimize(
         sub.add_parser(
             "optimize",
-            help="train a faiss ANN index (--faiss) or write SQ8 codes (--sq8); search then uses it by default",
+            help="train a faiss ANN index (--faiss, or the default for N) or write SQ8 codes (--sq8); "
+            "search then uses it by default",
         )
     )
     return parser

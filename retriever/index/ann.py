@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,68 @@ def default_params(kind: str | None, nprobe: int | None, ef_search: int | None) 
     if kind == "hnsw":
         return f"efSearch={ef_search or 128}"
     return None
+
+
+@dataclass(frozen=True)
+class AnnChoice:
+    """What `optimize` builds when no factory is given: a faiss factory, its search params and the re-rank."""
+
+    factory: str
+    params: str
+    rerank: int
+    rule: str  # which branch of default_ann chose it, recorded in the manifest
+
+
+# The default rule (default_ann), from `python -m benchmarks.bench_ann` on 1 thread (figures: its docstring and
+# the default_ann docstring). Target: recall@10 >= 0.95 at <= 5 ms p50 per query.
+HNSW_MAX_BYTES = 8 << 30  # HNSW32 holds fp32 rows in RAM: N x D x 4 B (+ ~256 B/row of graph); 2M x 1,024
+HNSW_EF_SEARCH = 256  # measured: 0.979 real 50k (2.6 ms), 0.973 synthetic 100k x 1,024; 128: 0.951 / 0.91
+PQ_SUB_DIM = 16  # PQ sub-vector width: D/16 bytes a code (64 B at 1,024-d)
+PQ_RERANK = 20  # PQ's coarse scores: re-score 20k candidates exactly (synthetic 1M: 0.27 -> 0.60)
+PQ_NPROBE_FRACTION = 1 / 8  # lists probed by the IVF-PQ fallback
+
+
+def ivf_lists(n: int) -> int:
+    """IVF list count: the power of two nearest sqrt(n) (1,024 at 1M: k-means stays minutes on 2 cores), halved
+    until each list has faiss's 39 training points."""
+    lists = 2 ** round(math.log2(max(math.sqrt(max(n, 1)), 1)))
+    while lists > 1 and lists * 39 > n:
+        lists //= 2
+    return lists
+
+
+def default_ann(n: int, dim: int) -> AnnChoice:
+    """The factory, search params and re-rank `optimize` uses for an N x D table when none is given.
+
+    - N x D x 4 B <= HNSW_MAX_BYTES: "HNSW32", efSearch=HNSW_EF_SEARCH, no re-rank.
+    - larger (HNSW's fp32 rows would not fit in RAM): "IVF{ivf_lists(N)},PQ{~D/16}", nprobe = nlist / 8,
+      re-rank PQ_RERANK from the memory-mapped fp16 rows. This fallback is below the target on the synthetic
+      set (0.60 at 1M); for exact recall at large N use `optimize --sq8` (the compressed exact scan).
+
+    Evidence (bench_ann, 1 thread on 2 shared cores, p50 of a one-query TileIndex.search, recall@10 vs exact):
+    - Real demo embeddings (demo model, 50,000 rendered tiles at 12.5 m stride x 8 rotations, 576-d; 739
+      description queries; exact p50 8.1 ms): HNSW32 efSearch 128 / 256 reach 0.951 / 0.979 at 1.8 / 2.6 ms
+      (build 26 s). IVF256,SQ8 needs a quarter of its lists probed (nprobe 64: 0.953, 1.8 ms; 128: 0.985,
+      4.3 ms): text queries fall between the lists that image embeddings train. IVF256,PQ36 + re-rank 20
+      tops out at 0.91 (nprobe 128).
+    - Synthetic clustered 1M x 1,024 (latent 64; noisy stored rows as queries; exact p50 431 ms): IVF1024,SQ8
+      nprobe 128 + re-rank 2: 0.82 at 60 ms; IVF1024,PQ64 nprobe 128 + re-rank 20: 0.60 at 15 ms. HNSW32 on
+      its first 100k: efSearch 256: 0.973 at 6.5 ms under CPU contention (exact took 431 ms here, 242 ms in
+      issue 16's quieter run), 0.91 at 3.8 ms with efSearch 128. Builds: IVF1024,SQ8
+      130 s, IVF1024,PQ64 485 s at 1M; HNSW32 231 s at 100k (~1 hour at 1M on one core).
+    """
+    if n * dim * 4 <= HNSW_MAX_BYTES:
+        return AnnChoice(
+            "HNSW32", f"efSearch={HNSW_EF_SEARCH}", 0, f"n x dim x 4 B <= {HNSW_MAX_BYTES}: HNSW32"
+        )
+    lists = ivf_lists(n)
+    sub = next(m for m in range(max(dim // PQ_SUB_DIM, 1), 0, -1) if dim % m == 0)  # faiss: m divides D
+    return AnnChoice(
+        f"IVF{lists},PQ{sub}",
+        f"nprobe={max(1, round(lists * PQ_NPROBE_FRACTION))}",
+        PQ_RERANK,
+        f"n x dim x 4 B > {HNSW_MAX_BYTES}: IVF-PQ + exact re-rank",
+    )
 
 
 def _no_polysemous_training(index: Any) -> None:
@@ -138,13 +201,13 @@ def _measure_recall(
 
 def optimize_index(
     folder: str | Path,
-    factory: str,
+    factory: str | None = None,
     *,
     train_sample: int = 500_000,
     params: str | None = None,
     nprobe: int | None = None,
     ef_search: int | None = None,
-    rerank: int = 0,
+    rerank: int | None = None,
     num_queries: int = 1000,
     k: int = 10,
     seed: int = 0,
@@ -158,11 +221,20 @@ def optimize_index(
     params (a faiss ParameterSpace string) overrides nprobe / ef_search (defaults: nprobe=32, efSearch=128).
     rerank > 1 re-scores k x rerank ANN candidates exactly against the stored rows at search time (recorded;
     recall is measured with it): the cure for PQ's coarse scores at the cost of k x rerank row reads.
+    factory None: default_ann(N, D) picks the factory, its params and rerank (each overridden when given);
+    the entry then records "default_rule".
     """
     faiss = import_faiss()
     folder = Path(folder).expanduser().resolve()
     manifest = read_manifest(folder)
     embeddings = open_embeddings(folder, manifest)  # (N, D) fp16/fp32, on disk
+    choice = default_ann(*embeddings.shape) if factory is None else None
+    if choice is not None:
+        factory = choice.factory
+        if params is None and nprobe is None and ef_search is None:
+            params = choice.params
+        rerank = choice.rerank if rerank is None else rerank
+    rerank = rerank or 0
     started = time.perf_counter()
     index = _new_index(factory, embeddings.shape[1])
     sample_size = _train(index, factory, embeddings, train_sample, seed)
@@ -197,6 +269,8 @@ def optimize_index(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "faiss": faiss.__version__,
     }
+    if choice is not None:
+        entry["default_rule"] = choice.rule
     write_manifest(folder, {**manifest, "ann": entry})  # last: the entry proves ann.faiss is complete
     return entry
 
@@ -253,6 +327,7 @@ def compress_index(
         "file": SQ8_FILE,
         "params_file": SQ8_PARAMS_FILE,
         "rerank_factor": search.rerank_factor,
+        "scan": search.scan_name,  # the scan the recall was measured with; a load uses the same one
         f"recall@{k}": round(recall_at_k(sq8_ids, exact_ids), 5),
         f"same_top{k}": round(same_topk(sq8_ids, exact_ids), 5),
         "recall_queries": len(queries),

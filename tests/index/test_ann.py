@@ -196,3 +196,67 @@ def test_rerank_rescores_exactly_and_raises_recall(plain: Path, ivfpq: Path, tmp
     np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", embeddings[ids], q), atol=1e-4)  # exact scores
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # ranked best first
     assert TileIndex.load(folder, rerank=0).backend.rerank == 0  # a load option overrides the manifest
+
+
+@pytest.mark.parametrize(
+    "n,dim,factory,params,rerank",
+    [
+        (5_000, 576, "HNSW32", "efSearch=256", 0),
+        (50_000, 576, "HNSW32", "efSearch=256", 0),  # the demo gallery's size
+        (2_000_000, 1024, "HNSW32", "efSearch=256", 0),  # 8.2 GB of fp32 rows: the largest HNSW
+        (3_000_000, 1024, "IVF2048,PQ64", "nprobe=256", 20),  # HNSW's rows would not fit: PQ + re-rank
+        (10_000_000, 1024, "IVF4096,PQ64", "nprobe=512", 20),
+        (10_000_000, 600, "IVF4096,PQ30", "nprobe=512", 20),  # PQ's m: the largest <= D/16 dividing D
+    ],
+)
+def test_default_ann_choice_by_size(n: int, dim: int, factory: str, params: str, rerank: int) -> None:
+    choice = ann_mod.default_ann(n, dim)
+    assert (choice.factory, choice.params, choice.rerank) == (factory, params, rerank)
+    assert choice.rule  # recorded in the manifest
+
+
+def test_ivf_lists_leave_faiss_enough_training_points() -> None:
+    for n in (100, 1_000, 20_000, 123_457, 10_000_000):
+        lists = ann_mod.ivf_lists(n)
+        assert lists & (lists - 1) == 0 and (lists * 39 <= n or lists == 1)
+
+
+def test_optimize_without_factory_records_the_default_and_its_recall_holds_on_load(
+    plain: Path, tmp_path: Path
+) -> None:
+    folder = copy_of(plain, tmp_path)
+    entry = optimize_index(folder, num_queries=500, progress=False)
+    chosen = ann_mod.default_ann(N, D)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["ann"] == entry and entry["default_rule"] == chosen.rule
+    assert (entry["factory"], entry["params"], entry["rerank"]) == (
+        chosen.factory,
+        chosen.params,
+        chosen.rerank,
+    )
+    assert entry["recall@10"] >= 0.95  # the rule's target, here on clustered vectors
+    # Fresh noisy-row queries through the loaded index reproduce the recorded recall.
+    index = TileIndex.load(folder)
+    assert index.backend_name == "ann" and index.backend.params == chosen.params
+    assert index.backend.rerank == chosen.rerank
+    q = torch.from_numpy(ann_mod.recall_queries(np.load(folder / "embeddings.npy"), 500, seed=99))
+    _, ann_ids = index.backend.topk(q, 10, None)
+    _, exact_ids = TileIndex.load(folder, exact=True).backend.topk(q, 10, None)
+    assert abs(recall_at_k(ann_ids, exact_ids) - entry["recall@10"]) < 0.03
+    # Explicit knobs still win over the rule's.
+    again = optimize_index(folder, ef_search=64, rerank=3, num_queries=100, progress=False)
+    assert (again["factory"], again["params"], again["rerank"]) == (chosen.factory, "efSearch=64", 3)
+
+
+def test_optimize_cli_without_factory_uses_the_default(plain: Path, tmp_path: Path, capsys) -> None:
+    folder = copy_of(plain, tmp_path)
+    assert index_cli.main(["optimize", str(folder), "--recall-queries", "200", "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    chosen = ann_mod.default_ann(N, D)
+    assert json.loads((folder / MANIFEST).read_text())["ann"] == printed
+    assert (printed["factory"], printed["params"], printed["rerank"]) == (
+        chosen.factory,
+        chosen.params,
+        chosen.rerank,
+    )
+    assert printed["default_rule"] == chosen.rule

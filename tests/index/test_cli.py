@@ -100,7 +100,7 @@ def test_index_build_rejects_an_unknown_quantization(tmp_path: Path, capsys) -> 
         ["build", "--model", "m", "--out", "x"],  # --tiles missing
         ["build", "--model", "m", "--tiles", "t", "--out", "x", "--dtype", "float64"],
         ["info"],
-        ["optimize", "x"],  # --faiss missing
+        ["optimize"],  # INDEX missing (--faiss is optional: the default rule picks one)
         ["nonsense"],
     ],
 )

@@ -22,6 +22,7 @@ from retriever.index.backends import (  # noqa: E402
     Int8GemmScan,
     Sq8Search,
     ThreadedScan,
+    default_sq8_scan,
     int8_gemm_available,
     sq8_from_table,
 )
@@ -135,6 +136,7 @@ def test_sq8_is_recorded_in_the_manifest_and_used_on_load(compressed: Path) -> N
     assert entry["bytes"] == (compressed / SQ8_FILE).stat().st_size
     index = TileIndex.load(compressed)
     assert index.backend_name == "sq8" and isinstance(index.backend, Sq8Search)
+    assert entry["scan"] == index.backend.scan_name == default_sq8_scan()  # measured and loaded alike
     assert isinstance(index.backend.sq8.codes, np.memmap)
     stored = np.load(compressed / "embeddings.npy")
     qs = queries(1, seed=9)
