@@ -373,9 +373,11 @@ def rerank_exact(
     """Exact scores of the candidate rows (Q, C) against queries (Q, D), read once in row order; top-k by
     score, then row (ties), as scores, ids (Q, k)."""
     wanted = np.unique(candidates[candidates >= 0])  # sorted: one ordered pass over the memory map
-    rows = np.asarray(embeddings[wanted], dtype=np.float32)  # (U, D)
-    where = np.searchsorted(wanted, np.maximum(candidates, 0))  # (Q, C) into rows
-    exact = np.einsum("qcd,qd->qc", rows[where], queries, optimize=True)  # (Q, C)
+    by_row = np.empty((len(wanted), len(queries)), dtype=np.float32)  # (U, Q): every query, every candidate
+    for lo in range(0, len(wanted), 4096):  # fp32 rows a slice at a time: a batch's candidates stay small
+        by_row[lo : lo + 4096] = np.asarray(embeddings[wanted[lo : lo + 4096]], dtype=np.float32) @ queries.T
+    where = np.searchsorted(wanted, np.maximum(candidates, 0))  # (Q, C) into by_row
+    exact = by_row[where, np.arange(len(queries))[:, None]]  # (Q, C)
     ids = np.where(candidates >= 0, candidates, -1)
     return merge_topk(exact.astype(np.float32), ids, k)
 
@@ -419,6 +421,10 @@ class Int8GemmScan:
 
     block_rows = 1 << 16  # measured: smaller blocks pack faster but pay ~2-5 ms of overhead per GEMM call
     query_batch = 256  # (Q, block) fp32 scores: at most 64 MB at a time
+    # The 7-bit query orders candidates more coarsely than faiss's float scan: it returns this many times the
+    # k x R candidates asked for. Measured on 1M uniform 1,024-d rows (the hard case), r = 10: same exact
+    # top-10 for 33% of noisy-row queries at x1, 80% at x4, 99% at x10; the extra re-rank reads are cheap.
+    candidate_factor = 10
 
     def __init__(self, codes: Sq8Codes, threads: int | None = None, progress: bool | None = None) -> None:
         n = len(codes.codes)
@@ -441,32 +447,29 @@ class Int8GemmScan:
         return torch.ops.quantized.linear_prepack(weight, None)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Approximate scores, ids (Q, k) of queries (Q, D) fp32 (best first), and tied (Q,) at the cut."""
+        """Approximate scores, ids (Q, k x candidate_factor) of queries (Q, D) fp32, best first, and tied (Q,):
+        always False, since a tie of coarse integer scores at the cut says nothing the recall does not."""
+        k = k * self.candidate_factor
         parts = [
             self._search(torch.from_numpy(np.ascontiguousarray(queries[i : i + self.query_batch])), k)
             for i in range(0, len(queries), self.query_batch)
         ]
-        scores, ids, tied = (np.concatenate(p) for p in zip(*parts, strict=True))
-        return scores, ids, tied
+        scores, ids = (np.concatenate(p) for p in zip(*parts, strict=True))
+        return scores, ids, np.zeros(len(queries), dtype=bool)
 
-    def _search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         scaled = queries * self.scale  # (Q, D): the per-dimension scale folded into the query
         best_s = best_i = None
         for lo, packed in zip(self.starts, self.blocks, strict=True):
             scores = torch.ops.quantized.linear_dynamic(scaled, packed, True)  # (Q, B); 7-bit: no overflow
-            s, i = torch.topk(scores, min(k + 1, scores.shape[1]), dim=1)  # (Q, k + 1)
+            s, i = torch.topk(scores, min(k, scores.shape[1]), dim=1)  # (Q, k)
             i += lo
             if best_s is not None:
-                s, j = torch.topk(torch.cat([best_s, s], 1), min(k + 1, best_s.shape[1] + s.shape[1]), dim=1)
+                s, j = torch.topk(torch.cat([best_s, s], 1), min(k, best_s.shape[1] + s.shape[1]), dim=1)
                 i = torch.gather(torch.cat([best_i, i], 1), 1, j)
             best_s, best_i = s, i
         assert best_s is not None and best_i is not None
-        k = min(k, best_s.shape[1])
-        if best_s.shape[1] > k:  # a row tied with the k-th at the cut may be missing
-            tied = best_s[:, k] == best_s[:, k - 1]
-        else:
-            tied = torch.zeros(len(best_s), dtype=torch.bool)
-        return best_s[:, :k].numpy(), best_i[:, :k].numpy(), tied.numpy()
+        return best_s.numpy(), best_i.numpy()
 
 
 SQ8_SCANS: dict[str, Callable[..., FaissSq8Scan | Int8GemmScan]] = {
