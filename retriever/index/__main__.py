@@ -13,6 +13,7 @@ import geopandas as gpd
 
 from retriever._cli import add_model_args, retriever_factory, retriever_from_args, run_cli
 from retriever.index.ann import compress_index, optimize_index
+from retriever.index.backends import SQ8_SCANS
 from retriever.index.build import build_index
 from retriever.index.layout import DTYPES, portable_path
 from retriever.index.tile_index import TileIndex
@@ -85,7 +86,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.sq8:
         entry = compress_index(
-            args.index, rerank_factor=args.rerank_factor, num_queries=args.recall_queries, seed=args.seed
+            args.index,
+            rerank_factor=args.rerank_factor,
+            num_queries=args.recall_queries,
+            seed=args.seed,
+            scan=args.sq8_scan,
         )
         print(json.dumps(entry, indent=2))
         return 0
@@ -163,6 +168,13 @@ def _add_optimize(opt: argparse.ArgumentParser) -> None:
         type=int,
         default=10,
         help="with --sq8: re-rank k x R candidates with the fp16 rows",
+    )
+    opt.add_argument(
+        "--sq8-scan",
+        choices=list(SQ8_SCANS),
+        default="faiss",
+        help="with --sq8: faiss (float query; batch 1, exact recall on our benchmarks) or int8-gemm (fbgemm; "
+        "faster for batches, coarser candidates; packs the codes at load)",
     )
     opt.add_argument("--train-sample", type=int, default=500_000, help="vectors sampled for training")
     knob = opt.add_mutually_exclusive_group()

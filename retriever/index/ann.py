@@ -288,6 +288,7 @@ def compress_index(
     k: int = 10,
     seed: int = 0,
     threads: int | None = None,
+    scan: str = "faiss",
 ) -> dict:
     """Write SQ8 codes of the embeddings (per-dimension offset/scale) next to them; returns the manifest's "sq8" entry.
 
@@ -317,6 +318,7 @@ def compress_index(
         load_sq8(folder / SQ8_FILE, folder / SQ8_PARAMS_FILE, n, dim),
         rerank_factor,
         threads,
+        scan=scan,
     )
     queries = recall_queries(embeddings, num_queries, seed=seed + 1)  # (Q, D)
     _, exact_ids = search.exact.topk(torch.from_numpy(queries), k, None)  # (Q, k)

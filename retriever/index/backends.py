@@ -479,8 +479,10 @@ SQ8_SCANS: dict[str, Callable[..., FaissSq8Scan | Int8GemmScan]] = {
 
 
 def default_sq8_scan() -> str:
-    """The SQ8 scan this machine runs fastest: fbgemm's int8 GEMM where torch has it, else faiss."""
-    return "int8-gemm" if int8_gemm_available() else "faiss"
+    """The SQ8 scan a search uses when none is named: faiss's float scan, whose candidates gave the exact fp16
+    top-10 for 100% of queries in benchmarks/bench_search.py (int8-gemm: 82.5% on 1M uniform rows, 100% on
+    clustered ones, but 1.5x faster at batch 64)."""
+    return "faiss"
 
 
 class Sq8Search:
@@ -488,9 +490,9 @@ class Sq8Search:
     k x rerank_factor candidates with the fp16 rows.
 
     The result is exact whenever the true top-k is among the candidates (the manifest records how often at
-    build time, and with which scan). Spatial filters go to the exact search. scan: "int8-gemm" (fbgemm,
-    every batch size: one integer GEMM per block) or "faiss" (float SQ8 views; batches above
-    faiss_max_queries go to the exact fp16 GEMM); default: default_sq8_scan().
+    build time, and with which scan). Spatial filters go to the exact search. scan: "faiss" (float SQ8
+    views; batches above faiss_max_queries go to the exact fp16 GEMM; the default) or "int8-gemm" (fbgemm,
+    every batch size: one integer GEMM per block).
     """
 
     faiss_max_queries = 2

@@ -208,3 +208,17 @@ def test_int8_gemm_scores_rank_like_the_decoded_codes() -> None:
     for q, s, i in zip(qs, scores, ids, strict=True):
         want = decoded[i] @ q  # (N,)
         assert np.corrcoef(s, want)[0, 1] > 0.999
+
+
+@pytest.mark.skipif(not int8_gemm_available(), reason="fbgemm's int8 GEMM is x86-only")
+def test_the_int8_gemm_scan_is_recorded_and_used_on_load(compressed: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    shutil.copytree(compressed, folder)
+    index_cli.main(["optimize", str(folder), "--sq8", "--sq8-scan", "int8-gemm", "--recall-queries", "100"])
+    entry = json.loads((folder / MANIFEST).read_text())["sq8"]
+    index = TileIndex.load(folder)
+    assert entry["scan"] == index.backend.scan_name == "int8-gemm"
+    rq = recall_queries(np.load(folder / "embeddings.npy"), 100, seed=1)
+    _, exact_ids = TileIndex.load(folder, exact=True).backend.topk(torch.from_numpy(rq), 10, None)
+    _, ids = index.backend.compressed_topk(rq, 10)
+    assert recall_at_k(ids, exact_ids) == pytest.approx(entry["recall@10"], abs=1e-4)  # reproduced on load
