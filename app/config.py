@@ -214,7 +214,7 @@ def _is_missing(name: str, value: str) -> bool:
 
 
 def wants_own_model(retriever: Any) -> bool:
-    """Whether the explainer gets a private copy of the model: small and not quantized (the demo: ~0.6 GB).
+    """Whether the explainer gets a private copy of the model: small and not quantized (the demo: +1.0 GB RSS).
 
     Then a search never waits for a reason being written (measured in benchmarks/bench_app_busy.py); a large
     or 4-bit model shares its one copy, and a reason stops between two tokens for a search instead.
