@@ -38,6 +38,7 @@ from retriever.protocols import HitLike, RerankFn
 if TYPE_CHECKING:
     from transformers import TextIteratorStreamer
 
+    from retriever.explain.signals import LexicalScores
     from retriever.models.encoder import Retriever
 
 REASON_TOKENS = 40  # the LM's sentence: cut back to its last sentence end
@@ -193,6 +194,7 @@ class Explainer:
         self._index_tiles = getattr(index, "tiles", index)
         self._vocabulary = vocabulary
         self._finder: EvidenceFinder | None = None
+        self._lexical: LexicalScores | None = None  # BM25 z-scores over the gallery, for the confidence
         self._finder_lock = threading.Lock()
         self.reason_max_s = REASON_MAX_S
         self.answer_start = ANSWER_START
@@ -353,7 +355,7 @@ class Explainer:
         found = [self.evidence(query, h) for h in hits]
         bm25_z = None  # without the index's tiles, each hit counts as the gallery's mean
         if cal.uses_bm25 and self._index_tiles is not None:
-            if getattr(self, "_lexical", None) is None:  # BM25 over the gallery, built on first use
+            if self._lexical is None:  # BM25 over the gallery, built on first use
                 self._lexical = LexicalScores(self._index_tiles)
             bm25_z = self._lexical.z(query, [str(getattr(h, "tile_id", "")) for h in hits])
         conf = cal.confidence_of(hit_inputs(query, scores, found, bm25_z, p_yes))
