@@ -338,7 +338,7 @@ def test_a_tile_beyond_the_top_three_is_explained_on_request(page, slow_app) -> 
     expect(button).to_have_text("Explain tile #5", timeout=TIMEOUT_MS)
     button.click()
     expect(page.locator("#geotext-status")).to_contain_text("Writing a reason for #5", timeout=TIMEOUT_MS)
-    expect(panel).to_contain_text(f"Tile {hits[4].tile_id} word0", timeout=TIMEOUT_MS)
+    expect(panel).to_contain_text(f"Tile {hits[4].tile_id} looks right here", timeout=TIMEOUT_MS)
     expect(page.locator("#geotext-status")).not_to_contain_text("Writing", timeout=TIMEOUT_MS)
     expect(panel).to_contain_text("word59")
     popup = page.frame_locator("#geotext-map iframe").locator(".leaflet-popup-content")
