@@ -288,7 +288,7 @@ def compress_index(
     k: int = 10,
     seed: int = 0,
     threads: int | None = None,
-    scan: str = "faiss",
+    scan: str | None = None,
 ) -> dict:
     """Write SQ8 codes of the embeddings (per-dimension offset/scale) next to them; returns the manifest's "sq8" entry.
 
