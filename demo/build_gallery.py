@@ -82,15 +82,17 @@ def tile_context(
             (feats.geometry.iloc[i].distance(centre), *(feats[c].iloc[i] for c in CONTEXT_FIELDS))
             for i in idx
         )
-        seen: set[str] = set()
-        parts, rich = [], []
-        for _, name, kind, name_sv, preset, look in found:
-            if name.lower() not in seen:  # one entry per name: a street's segments, a bay's node and polygon
-                seen.add(name.lower())
-                # Street signs in Helsinki are bilingual, so the Swedish name is context too.
-                both = f"{name} / {name_sv}" if isinstance(name_sv, str) and name_sv != name else name
-                parts.append(f"{both} ({kind})")
-                rich.append(f"{both} ({'; '.join(w for w in (kind, preset_words(preset), look) if w)})")
+        # One entry per name (a street's segments, a bay's node and polygon): the nearest gives the kind, and
+        # every duplicate adds its other names. Street signs in Helsinki are bilingual, so the Swedish name is
+        # context; the English one is what tourist maps print and visitors say ("Senate Square").
+        entries: dict[str, tuple[dict[str, None], str, str]] = {}
+        for _, name, kind, name_sv, name_en, preset, look in found:
+            names, _, _ = entries.setdefault(
+                name.lower(), ({}, kind, "; ".join(w for w in (kind, preset_words(preset), look) if w))
+            )
+            names.update(dict.fromkeys(n for n in (name, name_sv, name_en) if isinstance(n, str)))
+        parts = [f"{' / '.join(names)} ({kind})" for names, kind, _ in entries.values()]
+        rich = [f"{' / '.join(names)} ({words})" for names, _, words in entries.values()]
         texts.append("; ".join(parts))
         contexts.append("; ".join(rich))
         tokens = cats["token"].to_numpy()[cat_tree.query(footprint, predicate="intersects")]
@@ -98,7 +100,7 @@ def tile_context(
     return texts, contexts, categories
 
 
-CONTEXT_FIELDS = ("name", "kind", "name_sv", "preset", "looks")
+CONTEXT_FIELDS = ("name", "kind", "name_sv", "name_en", "preset", "looks")
 PRESET_WORDS = 10  # name + first terms: iD lists the most useful terms first; the tail is loose
 
 

@@ -29,10 +29,21 @@ METRIC_CRS = "EPSG:3067"  # ETRS-TM35FIN: metres, north-up over Finland, so tile
 # 150 m / 100 m grid that covers it (with its overshoot) has data on every tile: 9 x 15 = 135 tiles.
 DEFAULT_BBOX: Bbox = (24.9362, 60.1648, 24.9522, 60.1784)
 ATTRIBUTION = "© OpenStreetMap contributors, ODbL"
-CACHE_VERSION = 8  # bump when the layer schema or classification changes
+CACHE_VERSION = 9  # bump when the layer schema or classification changes
 # preset: the iD tagging-schema preset of the feature's tags (retriever.vocabulary); looks: what a passer-by
 # sees that OSM's descriptive tags record ("white domed", "tall brick"), empty when they record nothing.
-COLUMNS = ["osm_id", "name", "name_sv", "kind", "category", "tunnel", "preset", "looks", "geometry"]
+COLUMNS = [
+    "osm_id",
+    "name",
+    "name_sv",
+    "name_en",
+    "kind",
+    "category",
+    "tunnel",
+    "preset",
+    "looks",
+    "geometry",
+]
 LAYER_NAMES = (
     "landuse",
     "green",
@@ -458,6 +469,9 @@ def _frame(
                 "osm_id": int(osm_id),
                 "name": normalise_name(tags),
                 "name_sv": tags.get("name:sv"),
+                "name_en": tags.get(
+                    "name:en"
+                ),  # on tourist maps and signs: "Old Market Hall", "Senate Square"
                 "kind": hit[1],
                 "category": hit[0],
                 "tunnel": tags.get("tunnel", "no") not in ("no", "")
@@ -602,6 +616,7 @@ def _parse(pbf: Path, bbox: Bbox) -> Layers:
                         "osm_id": -1,
                         "name": None,
                         "name_sv": None,
+                        "name_en": None,
                         "kind": "sea",
                         "category": "sea",
                         "tunnel": False,
@@ -637,7 +652,8 @@ def _name_water(water: gpd.GeoDataFrame, places: gpd.GeoDataFrame, reach_m: floa
                 geom.representative_point()
             )
             best = rank.idxmin()
-            water.at[i, "name"], water.at[i, "name_sv"] = near.at[best, "name"], near.at[best, "name_sv"]
+            for column in ("name", "name_sv", "name_en"):
+                water.at[i, column] = near.at[best, column]
             water.at[i, "kind"] = (
                 near.at[best, "kind"] if near.at[best, "kind"] != "water" else water.at[i, "kind"]
             )
@@ -682,7 +698,7 @@ def load_layers(
 
 
 def named_features(layers: Layers) -> gpd.GeoDataFrame:
-    """All named things in one table (layer, name, name_sv, kind, category, geometry), one row per OSM object."""
+    """All named things in one table (layer, name, name_sv, name_en, kind, category, ...), one row per OSM object."""
     frames = []
     for name in LAYER_NAMES:
         if name in UNNAMED_LAYERS:
@@ -692,7 +708,18 @@ def named_features(layers: Layers) -> gpd.GeoDataFrame:
         if len(gdf):
             frames.append(
                 gdf.assign(layer=name)[
-                    ["layer", "osm_id", "name", "name_sv", "kind", "category", "preset", "looks", "geometry"]
+                    [
+                        "layer",
+                        "osm_id",
+                        "name",
+                        "name_sv",
+                        "name_en",
+                        "kind",
+                        "category",
+                        "preset",
+                        "looks",
+                        "geometry",
+                    ]
                 ]
             )
     if not frames:

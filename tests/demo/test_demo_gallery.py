@@ -256,3 +256,22 @@ def test_descriptions_use_preset_words_and_landmark_plans(
     names = {n.split(" (")[0].lower() for n in tiles["features"].str.split("; ").explode().dropna()}
     named = [r for r in look if any(n in r["text"].lower() for n in names if len(n) > 6)]
     assert look and len(named) <= 0.2 * len(look)  # the landmark plans read no signs
+
+
+def test_context_carries_the_english_name(tiles: gpd.GeoDataFrame, layers: osm.Layers) -> None:
+    # Visitors read tourist maps: a feature's name:en is a name of the tile it lies in, next to fi and sv.
+    feats = osm.named_features(layers)
+    english = feats[feats["name_en"].notna() & (feats["name_en"] != feats["name"])]
+    assert len(english) >= 5  # the station area has many (Central Railway Station, Railway Square...)
+    metric = tiles.to_crs(osm.METRIC_CRS)
+    checked = 0
+    for _, feature in english.iterrows():
+        inside = metric.geometry.contains(feature.geometry.representative_point())
+        if not inside.any():
+            continue
+        for text in tiles.loc[inside, "context"]:
+            assert f"{feature['name_en']} (" in text or f"/ {feature['name_en']}" in text
+        checked += 1
+    assert checked >= 3
+    # A feature without an English name keeps "fi / sv", and no name is written twice.
+    assert not any(" / ".join([n, n]) in text for n in feats["name"] for text in tiles["features"][:5])
