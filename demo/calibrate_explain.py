@@ -161,6 +161,15 @@ def _erm_weight(scores: np.ndarray, conf: np.ndarray, label: np.ndarray, tempera
 # -- figures ------------------------------------------------------------------------------------------------
 
 
+def erm_pays(
+    gain: np.ndarray, hit1_before: np.ndarray, hit1_after: np.ndarray, shown_auroc_holds: bool
+) -> bool:
+    """ERM goes on for a held-out L@150 gain (Q,) of ERM_MIN_GAIN or more, when hit@1 does not fall, and when
+    the shown top-1 confidence still tells right from wrong as well (ERM picks that top-1 by the same
+    confidence: on the 2026-12-01 model +0.025 L@150 cost 0.871 -> 0.844 AUROC, so it stayed off)."""
+    return bool(gain.mean() >= ERM_MIN_GAIN and hit1_after.mean() >= hit1_before.mean() and shown_auroc_holds)
+
+
 def _interval(stat: Callable[[np.ndarray], float], n: int, seed: int = SEED) -> list[float]:
     """Point value and 95% percentile bootstrap interval of stat(rows) over queries resampled with replacement."""
     rng = np.random.default_rng(seed)
@@ -295,9 +304,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
     hit1 = {"before": inside[:, 0], "after": inside[rows, erm_top1[:, None]][:, 0]}
     weights = [c["erm_weight"] for c in chosen]
     gain = l150["after"].astype(float) - l150["before"]
-    erm_on = (
-        args.erm == "auto" and gain.mean() >= ERM_MIN_GAIN and hit1["after"].mean() >= hit1["before"].mean()
+    erm_ranks_as_well = auroc(held[rows, erm_top1[:, None]][:, 0], l150["after"]) >= auroc(
+        held[:, 0], l150["before"]
     )
+    erm_on = args.erm == "auto" and erm_pays(gain, hit1["before"], hit1["after"], erm_ranks_as_well)
     rerank_weight = float(np.median(weights)) if erm_on else 1.0
     shown = (
         held[rows, erm_top1[:, None]][:, 0] if erm_on else held[:, 0]
@@ -321,7 +331,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
         "hit@1_after": _interval(lambda r: hit1["after"][r].mean(), n),
         "fold_weights": weights,
         "on": bool(erm_on),
-        "rule": f"on when the held-out L@150 gain >= {ERM_MIN_GAIN} and hit@1 does not fall (--erm {args.erm})",
+        "rule": f"on when the held-out L@150 gain >= {ERM_MIN_GAIN}, hit@1 does not fall and the shown top-1 "
+        f"confidence's AUROC does not fall (--erm {args.erm})",
+        "shown_auroc_holds": bool(erm_ranks_as_well),
     }
     report = {
         "version": CALIBRATION_VERSION,

@@ -45,6 +45,7 @@ SURROUND_REACH_M = 200.0  # the water, a park or a square is named from further 
 CHAT_P = 0.3  # share written as phone chat: lower case, little punctuation
 LANDMARK_CATEGORIES = {"worship", "culture", "transport", "hotel", "education"}
 ON_STREET_P = 0.85  # share of locations on a street; the rest anywhere in the tile (parks, squares, yards)
+ENGLISH_NAME_P = 0.35  # share of mentions of a feature with a name:en that use it: many visitors read English
 
 # Which description feature type each named feature counts as (coverage is tested per type).
 FEATURE_TYPES: tuple[str, ...] = (
@@ -385,6 +386,11 @@ KEYBOARD_NEIGHBOURS: dict[str, str] = {
 # --- scenes: what a pedestrian at a point can see -----------------------------------------------------------
 
 
+def _text(value: object) -> str | None:
+    """A name cell as str, or None for a missing one (NaN, None)."""
+    return value if isinstance(value, str) else None
+
+
 @dataclass
 class Thing:
     """One feature as seen from the pedestrian's spot."""
@@ -400,6 +406,7 @@ class Thing:
     across: bool  # on the other side of the street from the pedestrian
     preset: str | None = None  # its iD tagging-schema preset (retriever.vocabulary)
     looks: str = ""  # adjectives from its descriptive tags ("tall white domed")
+    name_en: str | None = None  # its name:en, as tourist maps print it ("Senate Square")
 
 
 @dataclass
@@ -527,6 +534,7 @@ class SceneBuilder:
                 0,
                 0,
                 False,
+                name_en=_text(row.get("name_en")),
             )
             cls = row["category"]
         else:
@@ -554,6 +562,7 @@ class SceneBuilder:
                 across,
                 preset if isinstance(preset, str) else None,
                 look if isinstance(look, str) else "",
+                _text(row.get("name_en")),
             )
 
         scene = Scene(x, y, street, cls)
@@ -630,6 +639,8 @@ class Writer:
     def name_of(self, thing: Thing, partial: bool = True) -> str | None:
         if thing.name is None or self.no_names:
             return None
+        if thing.name_en and thing.name_en != thing.name and self.rng.random() < ENGLISH_NAME_P:
+            return thing.name_en  # visitors read the English name off a tourist map
         if thing.name_sv and thing.name_sv != thing.name and self.rng.random() < 0.1:
             return thing.name_sv  # Helsinki's signs are bilingual: some read the Swedish line
         if partial and len(thing.name) > 7 and self.rng.random() < (0.15 if self.vague else 0.04):

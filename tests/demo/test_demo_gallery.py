@@ -275,3 +275,15 @@ def test_context_carries_the_english_name(tiles: gpd.GeoDataFrame, layers: osm.L
     assert checked >= 3
     # A feature without an English name keeps "fi / sv", and no name is written twice.
     assert not any(" / ".join([n, n]) in text for n in feats["name"] for text in tiles["features"][:5])
+
+
+def test_descriptions_sometimes_use_the_english_name(gallery: Path, layers: osm.Layers) -> None:
+    feats = osm.named_features(layers)
+    english = {
+        str(n).lower()
+        for n, fi in zip(feats["name_en"], feats["name"], strict=True)
+        if isinstance(n, str) and n != fi
+    }
+    texts = [r["text"].lower() for r in _records(gallery, "train")]
+    used = {n for n in english if any(n in t for t in texts)}
+    assert len(used) >= 3  # e.g. "Railway Square", "Central Railway Station"

@@ -246,3 +246,15 @@ def test_the_explainer_confidence_is_the_calibration_on_the_same_inputs(
     np.testing.assert_allclose(ex.confidence(query, hits), V2.confidence_of(inputs_for(query, finder, tiles)))
     assert ex.reranks and [h.tile_id for h in ex.rerank(query, hits[::-1], k=3)][0] == "a"
     assert max(ex.confidence("🙂🙂", hits)) <= NO_MENTION_CAP
+
+
+def test_erm_goes_on_only_when_it_pays_and_the_shown_confidence_holds() -> None:
+    from demo.calibrate_explain import ERM_MIN_GAIN, erm_pays
+
+    gain = np.r_[np.ones(3), np.zeros(97)]  # +0.03 L@150
+    assert gain.mean() >= ERM_MIN_GAIN
+    before, after = np.zeros(100, bool), np.r_[np.ones(2, bool), np.zeros(98, bool)]
+    assert erm_pays(gain, before, after, shown_auroc_holds=True)
+    assert not erm_pays(gain, before, after, shown_auroc_holds=False)  # a better rank, a worse confidence
+    assert not erm_pays(gain, after, before, shown_auroc_holds=True)  # hit@1 falls
+    assert not erm_pays(np.r_[np.ones(1), np.zeros(99)], before, after, shown_auroc_holds=True)  # 1 in 100
