@@ -13,7 +13,7 @@ import geopandas as gpd
 
 from retriever._cli import add_model_args, retriever_factory, retriever_from_args, run_cli
 from retriever.index.ann import compress_index, optimize_index
-from retriever.index.backends import SQ8_SCANS, default_sq8_scan
+from retriever.index.backends import SQ8_SCANS
 from retriever.index.build import build_index
 from retriever.index.layout import DTYPES, portable_path
 from retriever.index.tile_index import TileIndex
@@ -172,9 +172,8 @@ def _add_optimize(opt: argparse.ArgumentParser) -> None:
     opt.add_argument(
         "--sq8-scan",
         choices=list(SQ8_SCANS),
-        default=default_sq8_scan(),
-        help="with --sq8: faiss (float query; batch 1, exact recall on our benchmarks) or int8-gemm (fbgemm; "
-        "faster for batches, coarser candidates; packs the codes at load)",
+        help="with --sq8: int8-gemm (fbgemm; fastest at every batch size; packs the codes into RAM at load) or "
+        "faiss (float query, zero-copy); default: int8-gemm where torch has it and the codes fit 4 GiB",
     )
     opt.add_argument("--train-sample", type=int, default=500_000, help="vectors sampled for training")
     knob = opt.add_mutually_exclusive_group()

@@ -481,10 +481,20 @@ SQ8_SCANS: dict[str, Callable[..., FaissSq8Scan | Int8GemmScan]] = {
 }
 
 
-def default_sq8_scan() -> str:
-    """The SQ8 scan a search uses when none is named: faiss's float scan, whose candidates gave the exact fp16
-    top-10 for 100% of queries in benchmarks/bench_search.py (int8-gemm: 82.5% on 1M uniform rows, 100% on
-    clustered ones, but 1.5x faster at batch 64)."""
+INT8_GEMM_MAX_BYTES = 4 << 30  # the int8 scan holds a packed copy of the codes in RAM: up to ~4M x 1,024 rows
+
+
+def default_sq8_scan(code_bytes: int | None = None) -> str:
+    """The SQ8 scan a search uses when none is named: fbgemm's int8 GEMM where torch has it and its packed copy
+    of the codes (code_bytes, N x D) fits INT8_GEMM_MAX_BYTES, else faiss's zero-copy float scan.
+
+    Measured (benchmarks/bench_search.py, 1M x 1,024, idle 2 cores): both gave the exact fp16 top-10 for 100%
+    of queries on uniform and clustered rows; int8-gemm 80-88 ms at batch 1 and 0.81-0.87 s at batch 64,
+    faiss 101-139 ms and (via the fp16 GEMM) 1.8-2.3 s. The int8 scan costs ~15 s per million rows to pack at
+    load, and N x D bytes of RAM.
+    """
+    if int8_gemm_available() and (code_bytes is None or code_bytes <= INT8_GEMM_MAX_BYTES):
+        return "int8-gemm"
     return "faiss"
 
 
@@ -493,9 +503,9 @@ class Sq8Search:
     k x rerank_factor candidates with the fp16 rows.
 
     The result is exact whenever the true top-k is among the candidates (the manifest records how often at
-    build time, and with which scan). Spatial filters go to the exact search. scan: "faiss" (float SQ8
-    views; batches above faiss_max_queries go to the exact fp16 GEMM; the default) or "int8-gemm" (fbgemm,
-    every batch size: one integer GEMM per block).
+    build time, and with which scan). Spatial filters go to the exact search. scan: "int8-gemm" (fbgemm, every
+    batch size: one integer GEMM per block) or "faiss" (float SQ8 views; batches above faiss_max_queries go to
+    the exact fp16 GEMM); None: default_sq8_scan for the size of the codes.
     """
 
     faiss_max_queries = 2
@@ -517,7 +527,7 @@ class Sq8Search:
                 "rerun `python -m retriever.index optimize INDEX --sq8`"
             )
         self.embeddings, self.sq8, self.rerank_factor = embeddings, codes, max(1, int(rerank_factor))
-        self.scan_name = scan or default_sq8_scan()
+        self.scan_name = scan or default_sq8_scan(int(codes.codes.nbytes))
         if self.scan_name not in SQ8_SCANS:
             raise ValueError(f"unknown SQ8 scan {self.scan_name!r}; pick one of {', '.join(SQ8_SCANS)}")
         if self.scan_name == "int8-gemm" and not int8_gemm_available():

@@ -248,3 +248,13 @@ def test_the_int8_gemm_scan_is_recorded_and_used_on_load(compressed: Path, tmp_p
     _, exact_ids = TileIndex.load(folder, exact=True).backend.topk(torch.from_numpy(rq), 10, None)
     _, ids = index.backend.compressed_topk(rq, 10)
     assert recall_at_k(ids, exact_ids) == pytest.approx(entry["recall@10"], abs=1e-4)  # reproduced on load
+
+
+def test_the_default_sq8_scan_is_int8_gemm_while_its_packed_copy_is_small() -> None:
+    from retriever.index.backends import INT8_GEMM_MAX_BYTES
+
+    small = "int8-gemm" if int8_gemm_available() else "faiss"
+    assert default_sq8_scan(1_000_000) == default_sq8_scan() == small
+    assert default_sq8_scan(INT8_GEMM_MAX_BYTES + 1) == "faiss"  # e.g. 10M x 1,024: no 10 GB copy in RAM
+    search = Sq8Search(clustered(), CPU, sq8_from_table(clustered()), rerank_factor=10, threads=2)
+    assert search.scan_name == small
