@@ -44,6 +44,7 @@ COLUMNS = [
     "looks",
     "geometry",
 ]
+NAMED_COLUMNS = [c for c in COLUMNS if c != "tunnel"]  # named_features drops tunnels, then the flag
 LAYER_NAMES = (
     "landuse",
     "green",
@@ -706,22 +707,7 @@ def named_features(layers: Layers) -> gpd.GeoDataFrame:
         gdf = layers[name]
         gdf = gdf[gdf["name"].notna() & ~gdf["tunnel"].astype(bool)]
         if len(gdf):
-            frames.append(
-                gdf.assign(layer=name)[
-                    [
-                        "layer",
-                        "osm_id",
-                        "name",
-                        "name_sv",
-                        "name_en",
-                        "kind",
-                        "category",
-                        "preset",
-                        "looks",
-                        "geometry",
-                    ]
-                ]
-            )
+            frames.append(gdf.assign(layer=name)[["layer", *NAMED_COLUMNS]])
     if not frames:
         return gpd.GeoDataFrame(
             {"layer": [], "name": [], "kind": [], "category": []}, geometry=[], crs=METRIC_CRS
