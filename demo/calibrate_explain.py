@@ -304,14 +304,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     hit1 = {"before": inside[:, 0], "after": inside[rows, erm_top1[:, None]][:, 0]}
     weights = [c["erm_weight"] for c in chosen]
     gain = l150["after"].astype(float) - l150["before"]
-    erm_ranks_as_well = auroc(held[rows, erm_top1[:, None]][:, 0], l150["after"]) >= auroc(
-        held[:, 0], l150["before"]
-    )
+    erm_shown = held[rows, erm_top1[:, None]][:, 0]  # (Q,) the confidence of ERM's top-1
+    erm_ranks_as_well = auroc(erm_shown, l150["after"]) >= auroc(held[:, 0], l150["before"])
     erm_on = args.erm == "auto" and erm_pays(gain, hit1["before"], hit1["after"], erm_ranks_as_well)
     rerank_weight = float(np.median(weights)) if erm_on else 1.0
-    shown = (
-        held[rows, erm_top1[:, None]][:, 0] if erm_on else held[:, 0]
-    )  # the app's top-1 and its confidence
+    shown = erm_shown if erm_on else held[:, 0]  # the app's top-1 and its confidence
     shown_ok = l150["after"] if erm_on else l150["before"]
     figures = {
         "top1_similarity_softmax": _confidence_figures(softmax[:, 0], label[:, 0]),

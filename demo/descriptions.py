@@ -548,11 +548,10 @@ class SceneBuilder:
             vx, vy = near.x - qx, near.y - qy
             lateral, along = vx * -fy + vy * fx, vx * fx + vy * fy
             across = street is not None and abs(lateral) > 4 and (lateral > 0) != (my_side > 0)
-            name_sv = row.get("name_sv")
-            preset, look = row.get("preset"), row.get("looks")
+            look = row.get("looks")
             return Thing(
-                row["name"] if isinstance(row["name"], str) else None,
-                name_sv if isinstance(name_sv, str) else None,
+                _text(row["name"]),
+                _text(row.get("name_sv")),
                 row["kind"],
                 row["category"],
                 ftype,
@@ -560,7 +559,7 @@ class SceneBuilder:
                 lateral,
                 along,
                 across,
-                preset if isinstance(preset, str) else None,
+                _text(row.get("preset")),
                 look if isinstance(look, str) else "",
                 _text(row.get("name_en")),
             )

@@ -470,9 +470,8 @@ def _frame(
                 "osm_id": int(osm_id),
                 "name": normalise_name(tags),
                 "name_sv": tags.get("name:sv"),
-                "name_en": tags.get(
-                    "name:en"
-                ),  # on tourist maps and signs: "Old Market Hall", "Senate Square"
+                # on tourist maps and signs: "Old Market Hall", "Senate Square"
+                "name_en": tags.get("name:en"),
                 "kind": hit[1],
                 "category": hit[0],
                 "tunnel": tags.get("tunnel", "no") not in ("no", "")
