@@ -17,9 +17,8 @@ import shapely
 from shapely.geometry import LineString, Point, box
 from shapely.ops import linemerge, polygonize, unary_union
 
-from retriever._io import atomic_path, write_text_atomic
+from retriever._io import atomic_path, cache_root, write_text_atomic
 from retriever.errors import DataFormatError, MissingDependencyError
-from retriever.models.demo_base import cache_root
 
 Bbox = tuple[float, float, float, float]  # west, south, east, north (EPSG:4326)
 Layers = dict[str, gpd.GeoDataFrame]

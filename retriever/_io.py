@@ -17,6 +17,13 @@ from typing import IO, Any
 EMBEDDING_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
 
 
+def cache_root() -> Path:
+    """The geotext cache folder: $GEOTEXT_CACHE itself when set (nothing is appended), else
+    ~/.cache/geotext-retriever. The assembled demo base model lives in <cache_root>/helsinki-smolvlm-base-v1,
+    the OSM extract cache in <cache_root>/osm, compiled scan kernels in <cache_root>/native."""
+    return Path(os.environ.get("GEOTEXT_CACHE", Path.home() / ".cache" / "geotext-retriever"))
+
+
 # --- atomic writes: one complete version exists at every instant ----------------------------------------------
 
 

@@ -172,8 +172,9 @@ def _add_optimize(opt: argparse.ArgumentParser) -> None:
     opt.add_argument(
         "--sq8-scan",
         choices=list(SQ8_SCANS),
-        help="with --sq8: int8-gemm (fbgemm; fastest at every batch size; packs the codes into RAM at load) or "
-        "faiss (float query, zero-copy); default: int8-gemm where torch has it and the codes fit 4 GiB",
+        help="with --sq8: native (AVX2 kernel compiled on first use, zero-copy), int8-gemm (fbgemm; packs the "
+        "codes into RAM at load) or faiss (float query, zero-copy); default: native where it runs, else "
+        "int8-gemm where torch has it and the codes fit 4 GiB, else faiss",
     )
     opt.add_argument("--train-sample", type=int, default=500_000, help="vectors sampled for training")
     knob = opt.add_mutually_exclusive_group()

@@ -1,4 +1,4 @@
-"""Search backends over the embedding table: exact (torch or threaded zero-copy faiss scans), SQ8, faiss, ANN."""
+"""Search backends over the embedding table: exact (torch, native or faiss scans in place), SQ8, faiss, ANN."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from retriever._io import lazy_import
 from retriever.errors import CorruptIndexError
+from retriever.index import native
 from retriever.index.layout import check_npy
 
 
@@ -254,8 +255,66 @@ class ThreadedScan:
             self._pool = None
 
 
+def native_topk(
+    scan: native.RowScan, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k scores, ids (Q, k) of a native scan: each thread selects its range's best k (ties: the lower
+    row) and the lists merge by score, then row, which is the whole table's answer. rows (sorted ids) restricts."""
+    wanted = None if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def select(scores: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        block = torch.from_numpy(scores)  # (Q, R) this range's scores
+        local = None
+        if wanted is not None:
+            lo, hi = np.searchsorted(wanted, [start, start + scores.shape[1]])
+            local = wanted[lo:hi] - start  # this range's allowed rows
+            block = block[:, torch.from_numpy(local)]
+        kk = min(k, block.shape[1])
+        if kk == 0:
+            return np.empty((len(scores), 0), scores.dtype), np.empty((len(scores), 0), np.int64)
+        top, positions = select_topk(block, kk)  # (Q, kk)
+        picked = positions.numpy() if local is None else local[positions.numpy()]
+        return top.numpy(), picked + start
+
+    parts = scan.scores(queries, then=select)
+    scores = np.concatenate([s for s, _ in parts], axis=1)  # (Q, sum kk)
+    ids = np.concatenate([i for _, i in parts], axis=1)
+    return merge_topk(scores, ids, min(k, ids.shape[1]))
+
+
+class NativeScan:
+    """Exact top-k of a few queries over an fp16 table in place by the native kernel (native.RowScan): every row
+    scored at memory speed, one row range per thread, then one exact selection (ties: the lower row), so no
+    query is ever tied at the cut. The same interface as ThreadedScan."""
+
+    def __init__(self, table: np.ndarray, threads: int | None = None) -> None:
+        self.scan = native.RowScan(table, threads or default_threads())
+        self.ranges = self.scan.ranges
+        self.n = len(table)
+
+    def search(
+        self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """scores, ids (Q, k) of queries (Q, D) fp32, and tied (Q,), always False; rows (sorted ids) restricts."""
+        scores, ids = native_topk(self.scan, queries, k, rows)
+        return scores, ids, np.zeros(len(queries), dtype=bool)
+
+    def close(self) -> None:
+        self.scan.close()
+
+
+def small_batch_scan(embeddings: np.ndarray, threads: int | None) -> NativeScan | ThreadedScan | None:
+    """The exact scan for batches of a few queries on CPU: the native kernel for C-contiguous fp16 tables where
+    it runs, else the threaded zero-copy faiss views; None when neither can read the table in place."""
+    if native.available() and embeddings.dtype == np.float16 and embeddings.flags.c_contiguous:
+        return NativeScan(embeddings, threads)
+    scan = ThreadedScan(embeddings, threads)
+    return scan if scan.ok else None
+
+
 class ExactSearch:
-    """Exact top-K: small batches by threaded zero-copy faiss scans on CPU, otherwise chunked torch products.
+    """Exact top-K: small batches by a scan in place on CPU (native kernel, else threaded zero-copy faiss views),
+    otherwise chunked torch products.
 
     On an accelerator the table is moved there once. On CPU it is read in place (a memory map works).
     threads (default torch.get_num_threads()) splits a small batch's scan by row ranges; 1 is one scan.
@@ -273,10 +332,8 @@ class ExactSearch:
         self.table = _as_tensor(embeddings).to(device)  # (N, D); a no-op view on CPU
         self.device = device
         self.chunk_rows = chunk_rows
-        self.threaded = ThreadedScan(embeddings, threads) if device.type == "cpu" else None
-        if self.threaded is not None and not self.threaded.ok:
-            self.threaded = None  # no faiss (or a table faiss cannot view): the torch scan does every batch
-        self.scan = faiss_view(embeddings) if self.threaded is not None else None  # the whole table, one view
+        # None: no native kernel and no faiss (or a table neither reads in place): torch does every batch
+        self.threaded = small_batch_scan(embeddings, threads) if device.type == "cpu" else None
 
     def topk(self, queries: torch.Tensor, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         n = self.table.shape[0]
@@ -472,9 +529,41 @@ class Int8GemmScan:
         return best_s.numpy(), best_i.numpy()
 
 
-SQ8_SCANS: dict[str, Callable[..., FaissSq8Scan | Int8GemmScan]] = {
+class NativeSq8Scan:
+    """The SQ8 candidate scan by the native uint8 x int8 kernel over the codes in place: no copy, no packing.
+
+    Queries become int8 (native.quantize_sq8_queries: the scale folded in, each row at full 7-bit range), the
+    kernel sums exact int32 scores, and the best k are taken by score, then row. One query reads the codes once
+    at memory speed; a batch passes over them once per query_batch queries (compute-bound from ~8 queries).
+    """
+
+    score_bytes = 256 << 20  # (Q, N) int32 scores of one pass: at most 256 MB (16 queries at 1M rows)
+
+    def __init__(self, codes: Sq8Codes, threads: int | None = None, progress: bool | None = None) -> None:
+        self.scan = native.RowScan(codes.codes, threads or default_threads())
+        self.scale = np.asarray(codes.scale, dtype=np.float32)  # (D,)
+        self.query_batch = max(1, min(16, self.score_bytes // (4 * max(len(codes.codes), 1))))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Approximate int scores (for ordering only), ids (Q, k) of queries (Q, D) fp32, best first, and tied
+        (Q,), always False: the selection is exact on the integer scores, ties going to the lower row."""
+        q8 = native.quantize_sq8_queries(queries, self.scale)  # (Q, D) int8
+        batch = self.query_batch
+        parts = [native_topk(self.scan, q8[i : i + batch], k) for i in range(0, len(q8), batch)]
+        scores = np.concatenate([s for s, _ in parts]).astype(np.float32)  # (Q, k)
+        ids = np.concatenate([i for _, i in parts])
+        return scores, ids, np.zeros(len(queries), dtype=bool)
+
+
+SQ8_SCANS: dict[str, Callable[..., FaissSq8Scan | Int8GemmScan | NativeSq8Scan]] = {
+    "native": NativeSq8Scan,
     "int8-gemm": Int8GemmScan,
     "faiss": FaissSq8Scan,
+}
+SQ8_SCAN_RUNS: dict[str, Callable[[], bool]] = {  # whether a scan can run on this machine
+    "native": lambda: native.available(),  # looked up at call time: tests switch the kernels off
+    "int8-gemm": lambda: int8_gemm_available(),
+    "faiss": lambda: True,
 }
 
 
@@ -482,14 +571,15 @@ INT8_GEMM_MAX_BYTES = 4 << 30  # the int8 scan holds a packed copy of the codes 
 
 
 def default_sq8_scan(code_bytes: int | None = None) -> str:
-    """The SQ8 scan a search uses when none is named: fbgemm's int8 GEMM where torch has it and its packed copy
-    of the codes (code_bytes, N x D) fits INT8_GEMM_MAX_BYTES, else faiss's zero-copy float scan.
+    """The SQ8 scan a search uses when none is named: the native kernel where it runs (no copy, any size);
+    else fbgemm's int8 GEMM where torch has it and its packed copy of the codes (code_bytes, N x D) fits
+    INT8_GEMM_MAX_BYTES; else faiss's zero-copy float scan.
 
-    Measured (benchmarks/bench_search.py, 1M x 1,024, idle 2 cores): both gave the exact fp16 top-10 for 100%
-    of queries on uniform and clustered rows; int8-gemm 80-88 ms at batch 1 and 0.81-0.87 s at batch 64,
-    faiss 101-139 ms and (via the fp16 GEMM) 1.8-2.3 s. The int8 scan costs ~15 s per million rows to pack at
-    load, and N x D bytes of RAM.
+    Measured in benchmarks/bench_search.py (1M x 1,024, 2 cores); figures in docs/scale-out.md. int8-gemm costs
+    ~15 s per million rows to pack at load, and N x D bytes of RAM; the native scan reads the memory map.
     """
+    if native.available():
+        return "native"
     if int8_gemm_available() and (code_bytes is None or code_bytes <= INT8_GEMM_MAX_BYTES):
         return "int8-gemm"
     return "faiss"
@@ -500,9 +590,10 @@ class Sq8Search:
     k x rerank_factor candidates with the fp16 rows.
 
     The result is exact whenever the true top-k is among the candidates (the manifest records how often at
-    build time, and with which scan). Spatial filters go to the exact search. scan: "int8-gemm" (fbgemm, every
-    batch size: one integer GEMM per block) or "faiss" (float SQ8 views; batches above faiss_max_queries go to
-    the exact fp16 GEMM); None: default_sq8_scan for the size of the codes.
+    build time, and with which scan). Spatial filters go to the exact search. scan: "native" (the AVX2 kernel
+    over the codes in place, every batch size), "int8-gemm" (fbgemm, every batch size: one integer GEMM per
+    block of a packed copy) or "faiss" (float SQ8 views; batches above faiss_max_queries go to the exact fp16
+    GEMM); None: default_sq8_scan for the size of the codes.
     """
 
     faiss_max_queries = 2
@@ -527,13 +618,14 @@ class Sq8Search:
         self.scan_name = scan or default_sq8_scan(int(codes.codes.nbytes))
         if self.scan_name not in SQ8_SCANS:
             raise ValueError(f"unknown SQ8 scan {self.scan_name!r}; pick one of {', '.join(SQ8_SCANS)}")
-        if self.scan_name == "int8-gemm" and not int8_gemm_available():
+        if not SQ8_SCAN_RUNS[self.scan_name]():
+            fallback = default_sq8_scan(int(codes.codes.nbytes))
             warnings.warn(
-                "this torch has no fbgemm int8 GEMM: the SQ8 codes are scanned by faiss instead "
-                "(the recall may differ a little from the manifest's)",
+                f"the {self.scan_name!r} SQ8 scan cannot run on this machine: the codes are scanned by "
+                f"{fallback!r} instead (the recall may differ a little from the manifest's)",
                 stacklevel=2,
             )
-            self.scan_name = "faiss"
+            self.scan_name = fallback
         self.scan = SQ8_SCANS[self.scan_name](codes, threads, progress)
         self.exact = ExactSearch(embeddings, device, chunk_rows, threads)
 

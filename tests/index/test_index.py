@@ -20,6 +20,7 @@ import retriever.index.__main__ as index_cli
 from retriever import search as search_mod
 from retriever.errors import CorruptIndexError, IndexMismatchError
 from retriever.index import MANIFEST, TileIndex, build_index, exact_topk, hits_to_csv, hits_to_geojson
+from retriever.index.backends import NativeScan, ThreadedScan
 from retriever.index.spatial import parse_within
 from retriever.index.tiles import load_tiles, make_tiles_frame, square_footprints
 from tests.fakes import COLOURS, FakeRetriever, solid_tile
@@ -127,9 +128,13 @@ def test_index_search_equals_brute_force(built, dtype, backend, num_q):
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 def test_small_batches_scan_the_memory_map_without_copying(built, dtype):
     index = TileIndex.load(built[dtype])
-    scan = index.backend.scan
-    assert scan is not None and not scan.codes.is_owned  # faiss reads the memory-mapped file itself
-    assert scan.ntotal == N and isinstance(index.embeddings, np.memmap)
+    scan = index.backend.threaded
+    assert isinstance(index.embeddings, np.memmap)
+    if isinstance(scan, NativeScan):  # fp16 where the kernel runs: it reads the memory-mapped file itself
+        assert dtype == "fp16" and np.shares_memory(scan.scan.table, index.embeddings)
+    else:  # faiss views whose codes are the memory-mapped file's own bytes
+        assert isinstance(scan, ThreadedScan) and all(not view.codes.is_owned for view in scan.views)
+        assert sum(view.ntotal for view in scan.views) == N
     qs = queries(2)
     got_s, got_i = index.backend.topk(torch.from_numpy(qs), 7, None)
     want_s, want_i = brute_force(np.asarray(index.embeddings), qs, 7)

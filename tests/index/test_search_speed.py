@@ -14,12 +14,20 @@ pytest.importorskip("faiss")
 
 import retriever.index.__main__ as index_cli  # noqa: E402
 from retriever.errors import CorruptIndexError  # noqa: E402
-from retriever.index import MANIFEST, TileIndex, build_index, recall_at_k  # noqa: E402
+from retriever.index import (  # noqa: E402
+    MANIFEST,
+    TileIndex,
+    build_index,
+    native,  # noqa: E402
+    recall_at_k,
+)
 from retriever.index.ann import recall_queries  # noqa: E402
 from retriever.index.backends import (  # noqa: E402
+    SQ8_SCAN_RUNS,
     SQ8_SCANS,
     ExactSearch,
     Int8GemmScan,
+    NativeScan,
     Sq8Search,
     ThreadedScan,
     default_sq8_scan,
@@ -65,14 +73,26 @@ def queries(q: int, dim: int = D, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((q, dim)).astype(np.float32)
 
 
+SMALL_BATCH_SCANS = [
+    "faiss",
+    *(["native"] if native.available() else []),
+]  # native: x86 AVX2 and a C compiler
+
+
 @pytest.mark.parametrize("num_q", [1, 3, 64])
 @pytest.mark.parametrize("k", [1, 10, 1000, N + 5])  # 1000 and N + 5: more than the rows of one thread
 @pytest.mark.parametrize("threads", [1, 2, 7])
-def test_threaded_exact_equals_brute_force_with_ties(num_q: int, k: int, threads: int) -> None:
+@pytest.mark.parametrize("kernel", SMALL_BATCH_SCANS)
+def test_threaded_exact_equals_brute_force_with_ties(
+    num_q: int, k: int, threads: int, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kernel == "faiss":
+        monkeypatch.setattr(native, "available", lambda: False)
     table = with_duplicates()
     qs = queries(num_q)
     search = ExactSearch(table, CPU, threads=threads)
-    assert search.threaded is not None and len(search.threaded.ranges) == threads
+    assert isinstance(search.threaded, {"faiss": ThreadedScan, "native": NativeScan}[kernel])
+    assert len(search.threaded.ranges) == threads
     rows = np.sort(np.random.default_rng(2).choice(N, 1200, replace=False))  # a spatial filter's rows
     for restrict in (None, rows):
         want_s, want_i = brute_force(table, qs, k, restrict)
@@ -88,7 +108,7 @@ def test_threaded_scan_reads_the_table_in_place() -> None:
     assert all(not view.codes.is_owned for view in scan.views)  # faiss reads the array's own memory
 
 
-SCANS = [name for name in SQ8_SCANS if name != "int8-gemm" or int8_gemm_available()]
+SCANS = [name for name in SQ8_SCANS if SQ8_SCAN_RUNS[name]()]
 
 
 @pytest.mark.parametrize("scan", SCANS)
@@ -250,11 +270,28 @@ def test_the_int8_gemm_scan_is_recorded_and_used_on_load(compressed: Path, tmp_p
     assert recall_at_k(ids, exact_ids) == pytest.approx(entry["recall@10"], abs=1e-4)  # reproduced on load
 
 
-def test_the_default_sq8_scan_is_int8_gemm_while_its_packed_copy_is_small() -> None:
+def test_the_default_sq8_scan_is_native_then_int8_gemm_while_its_packed_copy_is_small(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from retriever.index.backends import INT8_GEMM_MAX_BYTES
 
+    if native.available():  # zero-copy at any size
+        assert default_sq8_scan(1_000_000) == default_sq8_scan(INT8_GEMM_MAX_BYTES + 1) == "native"
+        assert Sq8Search(clustered(), CPU, sq8_from_table(clustered()), threads=2).scan_name == "native"
+    monkeypatch.setattr(native, "available", lambda: False)
     small = "int8-gemm" if int8_gemm_available() else "faiss"
     assert default_sq8_scan(1_000_000) == default_sq8_scan() == small
     assert default_sq8_scan(INT8_GEMM_MAX_BYTES + 1) == "faiss"  # e.g. 10M x 1,024: no 10 GB copy in RAM
     search = Sq8Search(clustered(), CPU, sq8_from_table(clustered()), rerank_factor=10, threads=2)
     assert search.scan_name == small
+
+
+def test_a_scan_that_cannot_run_here_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An index whose manifest names the native scan still loads where no compiler or AVX2 exists."""
+    monkeypatch.setattr(native, "available", lambda: False)
+    table = clustered()
+    with pytest.warns(UserWarning, match="'native' SQ8 scan cannot run"):
+        search = Sq8Search(table, CPU, sq8_from_table(table), rerank_factor=10, threads=2, scan="native")
+    assert search.scan_name == default_sq8_scan()
+    qs = queries(1)
+    assert np.array_equal(search.topk(torch.from_numpy(qs), 10, None)[1], brute_force(table, qs, 10)[1])
