@@ -327,10 +327,18 @@ BRIDGE_JS = """
     });
     if (d.focus != null && d.focus_seq > focusSeq && markers[d.focus]) {
       focusSeq = d.focus_seq;
-      map.closePopup();
-      map.fitBounds(bounds[d.focus], {maxZoom: 18, padding: [24, 24], animate: false});
-      markers[d.focus].openPopup();
+      focus(d.focus, focusSeq);
     }
+  }
+  // Leaflet ignores a setView made while a zoom animates (the user's wheel or +/-), and the popup would
+  // then auto-pan against a view that is about to change: fit and open only once the zoom has ended.
+  function focus(rank, seq){
+    if (seq !== focusSeq) return;  // a later choice has arrived meanwhile
+    if (map._animatingZoom) { map.once('zoomend', function(){ focus(rank, seq); }); return; }
+    map.invalidateSize({pan: false});  // the fit and the auto-pan measure the container as it is now
+    map.closePopup();
+    map.fitBounds(bounds[rank], {maxZoom: 18, padding: [24, 24], animate: false});
+    markers[rank].openPopup();
   }
   window.addEventListener('message', function(e){ if (e.source === window.parent) apply(e.data); });
   // Numbered markers that would overlap a better-ranked one shrink to dots until the user zooms in.
@@ -519,7 +527,11 @@ def hits_to_map(
         else None
     )
     if bounds:
-        m.fit_bounds(bounds, padding=(24, 24), max_zoom=18)
+        # Not animated (Folium's fit_bounds is, since the map starts at a zoom): a focus that arrives during
+        # that animation would be dropped by Leaflet, and its popup auto-panned off the map as the zoom ends.
+        _Script(
+            f"{m.get_name()}.fitBounds({json.dumps(bounds)}, {{padding: [24, 24], maxZoom: 18, animate: false}});"
+        ).add_to(m)
     folium.LayerControl(collapsed=True).add_to(m)
     online = [layer for name, layer in layers.items() if name != "offline"]
     for layer in online:
