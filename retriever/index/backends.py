@@ -258,28 +258,20 @@ class ThreadedScan:
 def native_topk(
     scan: native.RowScan, queries: np.ndarray, k: int, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k scores, ids (Q, k) of a native scan: each thread selects its range's best k (ties: the lower
-    row) and the lists merge by score, then row, which is the whole table's answer. rows (sorted ids) restricts."""
-    wanted = None if rows is None else np.asarray(rows, dtype=np.int64)
-
-    def select(scores: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
-        block = torch.from_numpy(scores)  # (Q, R) this range's scores
-        local = None
-        if wanted is not None:
-            lo, hi = np.searchsorted(wanted, [start, start + scores.shape[1]])
-            local = wanted[lo:hi] - start  # this range's allowed rows
-            block = block[:, torch.from_numpy(local)]
-        kk = min(k, block.shape[1])
-        if kk == 0:
-            return np.empty((len(scores), 0), scores.dtype), np.empty((len(scores), 0), np.int64)
-        top, positions = select_topk(block, kk)  # (Q, kk)
-        picked = positions.numpy() if local is None else local[positions.numpy()]
-        return top.numpy(), picked + start
-
-    parts = scan.scores(queries, then=select)
-    scores = np.concatenate([s for s, _ in parts], axis=1)  # (Q, sum kk)
-    ids = np.concatenate([i for _, i in parts], axis=1)
-    return merge_topk(scores, ids, min(k, ids.shape[1]))
+    """Exact top-k scores, ids (Q, k) of a native scan, ties going to the lower row. Each thread keeps its range's
+    best k in a heap and the lists merge by score, then row; rows (sorted ids) restricts the answer to them."""
+    if rows is None:
+        k = min(k, scan.table.shape[0])
+        scores, ids = scan.top(queries, k)  # (Q, T * k)
+        top, picked = merge_topk(scores, ids, k)
+        return top.astype(scan.score_dtype), picked
+    wanted = np.asarray(rows, dtype=np.int64)
+    k = min(k, len(wanted))
+    if k == 0:
+        return np.empty((len(queries), 0), scan.score_dtype), np.empty((len(queries), 0), np.int64)
+    allowed = torch.from_numpy(scan.scores(queries))[:, torch.from_numpy(wanted)]  # (Q, R)
+    top, positions = select_topk(allowed, k)  # (Q, k)
+    return top.numpy(), wanted[positions.numpy()]
 
 
 class NativeScan:
@@ -535,14 +527,14 @@ class NativeSq8Scan:
     Queries become int8 (native.quantize_sq8_queries: the scale folded in, each row at full 7-bit range), the
     kernel sums exact int32 scores, and the best k are taken by score, then row. One query reads the codes once
     at memory speed; a batch passes over them once per query_batch queries (compute-bound from ~8 queries).
+    Each thread keeps its best k in heaps (no (Q, N) score array).
     """
 
-    score_bytes = 256 << 20  # (Q, N) int32 scores of one pass: at most 256 MB (16 queries at 1M rows)
+    query_batch = 64  # queries per pass over the codes: each block of 16 rows is scored for all of them
 
     def __init__(self, codes: Sq8Codes, threads: int | None = None, progress: bool | None = None) -> None:
         self.scan = native.RowScan(codes.codes, threads or default_threads())
         self.scale = np.asarray(codes.scale, dtype=np.float32)  # (D,)
-        self.query_batch = max(1, min(16, self.score_bytes // (4 * max(len(codes.codes), 1))))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Approximate int scores (for ordering only), ids (Q, k) of queries (Q, D) fp32, best first, and tied

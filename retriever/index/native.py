@@ -19,7 +19,6 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
@@ -28,7 +27,6 @@ from retriever._io import atomic_path, cache_root
 SOURCE = Path(__file__).with_name("native_scan.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC")
 CPU_FLAGS = ("avx2", "fma", "f16c")
-T = TypeVar("T")
 SQ8_QUERY_LEVELS = (
     64  # int8 query values in [-64, 64]: maddubs' int16 pair sums (<= 2 x 255 x 64) never saturate
 )
@@ -82,8 +80,14 @@ def library() -> ctypes.CDLL | None:
         )
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_size_t
-    for name in ("dot_f16", "dot_u8s8"):
-        getattr(lib, name).argtypes = [pointer, size, size, pointer, size, pointer, size]
+    signatures = {
+        "dot_f16": [pointer, size, size, pointer, size, pointer, size],
+        "dot_u8s8": [pointer, size, size, pointer, size, pointer, size],
+        "top_f16": [pointer, size, size, pointer, size, size, pointer, pointer],
+        "top_u8s8": [pointer, size, size, pointer, size, size, pointer, pointer, pointer],
+    }
+    for name, argtypes in signatures.items():
+        getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
     return lib
 
@@ -93,9 +97,10 @@ def available() -> bool:
     return library() is not None
 
 
-KERNELS: dict[np.dtype, tuple[str, np.dtype, np.dtype]] = {  # table dtype -> kernel, query dtype, score dtype
-    np.dtype(np.float16): ("dot_f16", np.dtype(np.float32), np.dtype(np.float32)),
-    np.dtype(np.uint8): ("dot_u8s8", np.dtype(np.int8), np.dtype(np.int32)),
+TOP_BLOCK = 256  # native_scan.c's TOP_BLOCK: rows per scratch block of top_u8s8
+KERNELS: dict[np.dtype, tuple[str, str, np.dtype, np.dtype]] = {  # table dtype -> kernels, query/score dtype
+    np.dtype(np.float16): ("dot_f16", "top_f16", np.dtype(np.float32), np.dtype(np.float32)),
+    np.dtype(np.uint8): ("dot_u8s8", "top_u8s8", np.dtype(np.int8), np.dtype(np.int32)),
 }
 
 
@@ -109,35 +114,58 @@ class RowScan:
             raise RuntimeError("the native scan kernels are not available on this machine")
         if table.dtype not in KERNELS or not table.flags.c_contiguous or table.ndim != 2:
             raise ValueError(f"native scans read C-contiguous fp16 or uint8 tables, not {table.dtype}")
-        name, self.query_dtype, self.score_dtype = KERNELS[table.dtype]
+        name, top_name, self.query_dtype, self.score_dtype = KERNELS[table.dtype]
         self.kernel: Callable[..., None] = getattr(lib, name)
+        self.top_kernel: Callable[..., None] = getattr(lib, top_name)
+        self.top_kernel_buffer = top_name == "top_u8s8"
         self.table = table
         n = len(table)
         bounds = np.linspace(0, n, max(1, min(threads, n)) + 1).astype(np.int64)
         self.ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
         self._pool = ThreadPoolExecutor(len(self.ranges), "native-scan") if len(self.ranges) > 1 else None
 
-    def scores(
-        self, queries: np.ndarray, then: Callable[[np.ndarray, int], T] | None = None
-    ) -> list[T] | np.ndarray:
-        """queries (Q, D) in the kernel's query dtype -> scores (Q, N) (fp32 for fp16 rows, int32 for codes).
-
-        With then, each thread instead hands its range's scores (Q, R) and first row to then(scores, start) and
-        the results come back in range order: a per-range selection runs in parallel with no (Q, N) merge.
-        """
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        """queries (Q, D) in the kernel's query dtype -> scores (Q, N) (fp32 for fp16 rows, int32 for codes)."""
         q = np.ascontiguousarray(queries, dtype=self.query_dtype)
         n, dim = self.table.shape
         out = np.empty((len(q), n), dtype=self.score_dtype)  # (Q, N); each range writes its columns
 
-        def one(part: int) -> T | None:
+        def one(part: int) -> None:
             a, b = self.ranges[part]
             self.kernel(
                 self.table[a:b].ctypes.data, b - a, dim, q.ctypes.data, len(q), out[:, a:].ctypes.data, n
             )
-            return None if then is None else then(out[:, a:b], a)
 
-        parts = [one(0)] if self._pool is None else list(self._pool.map(one, range(len(self.ranges))))
-        return out if then is None else parts  # type: ignore[return-value]
+        self._map(one)
+        return out
+
+    def top(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each range's k best rows per query, found with no score array: scores (Q, T * k) float64 and rows
+        (Q, T * k) int64, unordered, with (-inf, -1) in the slots of a range shorter than k. Within a range,
+        ties keep the lower row; merging the ranges by score, then row, gives the whole table's top k."""
+        q = np.ascontiguousarray(queries, dtype=self.query_dtype)
+        dim, parts = self.table.shape[1], len(self.ranges)
+        scores = np.empty((parts, len(q), k), dtype=np.float64)  # (T, Q, k)
+        rows = np.empty((parts, len(q), k), dtype=np.int64)
+
+        def one(part: int) -> None:
+            a, b = self.ranges[part]
+            args = [self.table[a:b].ctypes.data, b - a, dim, q.ctypes.data, len(q), k]
+            args += [scores[part].ctypes.data, rows[part].ctypes.data]
+            if self.top_kernel_buffer:
+                buffer = np.empty((len(q), TOP_BLOCK), dtype=np.int32)  # the kernel's scratch scores
+                args.append(buffer.ctypes.data)
+            self.top_kernel(*args)
+            rows[part][rows[part] >= 0] += a  # range rows -> table rows
+
+        self._map(one)
+        return scores.transpose(1, 0, 2).reshape(len(q), -1), rows.transpose(1, 0, 2).reshape(len(q), -1)
+
+    def _map(self, fn: Callable[[int], None]) -> None:
+        if self._pool is None:
+            fn(0)
+        else:
+            list(self._pool.map(fn, range(len(self.ranges))))
 
     def close(self) -> None:
         if self._pool is not None:
