@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -28,8 +29,10 @@ from retriever.index.backends import (
     SQ8_SCAN_RUNS,
     SQ8_SCANS,
     ExactSearch,
+    Int8GemmScan,
     Sq8Search,
     ThreadedScan,
+    int8_gemm_available,
     sq8_from_table,
 )
 
@@ -81,6 +84,21 @@ def gemm_peak(dim: int, batch: int, repeats: int) -> dict[str, float]:
     big = torch.randn(2048, 2048)
     out["sgemm_2048"] = 2 * 2048**3 / median_time(lambda: torch.mm(big, big), repeats) / 1e9
     return out
+
+
+def int8_gemm_peak(dim: int, batch: int, repeats: int) -> float | None:
+    """Measured int8 GOP/s (a multiply-add counted as 2) of fbgemm's GEMM on a block of our shape (16,384 packed
+    rows x D, Q queries; 16 MB, about L3-sized): the compute bound of an int8 batch scan; None without fbgemm."""
+    if not int8_gemm_available():
+        return None
+    rows = 16384
+    block = np.random.default_rng(0).integers(0, 256, (rows, dim), dtype=np.uint8)
+    with warnings.catch_warnings():  # torch marks quantized-tensor constructors deprecated; fbgemm stays
+        warnings.simplefilter("ignore")
+        packed = Int8GemmScan._pack(block)
+    x = torch.randn(batch, dim)
+    t = median_time(lambda: [torch.ops.quantized.linear_dynamic(x, packed, True) for _ in range(50)], repeats)
+    return 2 * rows * dim * batch / (t / 50) / 1e9
 
 
 def run_dataset(kind: str, args: argparse.Namespace, peak: float, faiss_too: bool) -> dict:
@@ -211,7 +229,14 @@ def main(argv: list[str] | None = None) -> None:
     peaks = gemm_peak(args.dim, 64, args.repeats)
     peak = max(peaks.values())
     print("fp32 GEMM GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) + f" (peak {peak:.1f})")
-    summary = {"gemm_gflops": peaks}
+    int8_peak = int8_gemm_peak(args.dim, 64, args.repeats)
+    if int8_peak is not None:
+        bound = 2 * args.n * args.dim * 64 / (int8_peak * 1e9)
+        print(
+            f"int8 GEMM GOP/s (fbgemm, 16384 x {args.dim} x 64): {int8_peak:.1f}; batch 64 over {args.n} rows "
+            f"at that peak: {bound:.3f} s (the compute bound of an SQ8 batch)"
+        )
+    summary = {"gemm_gflops": peaks, "int8_gemm_gops": int8_peak}
     for i, kind in enumerate(args.data):
         summary[kind] = run_dataset(kind, args, peak, faiss_too=not args.no_faiss and i == 0)
     print(json.dumps(summary, default=float))
