@@ -262,6 +262,8 @@ def native_topk(
     best k in a heap and the lists merge by score, then row; rows (sorted ids) restricts the answer to them."""
     if rows is None:
         k = min(k, scan.table.shape[0])
+        if k == 0:
+            return np.empty((len(queries), 0), scan.score_dtype), np.empty((len(queries), 0), np.int64)
         scores, ids = scan.top(queries, k)  # (Q, T * k)
         top, picked = merge_topk(scores, ids, k)
         return top.astype(scan.score_dtype), picked
@@ -276,8 +278,8 @@ def native_topk(
 
 class NativeScan:
     """Exact top-k of a few queries over an fp16 table in place by the native kernel (native.RowScan): every row
-    scored at memory speed, one row range per thread, then one exact selection (ties: the lower row), so no
-    query is ever tied at the cut. The same interface as ThreadedScan."""
+    scored at memory speed, one row range per thread, each keeping its best k in a heap (ties: the lower row),
+    so no query is ever tied at the cut. The same interface as ThreadedScan."""
 
     def __init__(self, table: np.ndarray, threads: int | None = None) -> None:
         self.scan = native.RowScan(table, threads or default_threads())
@@ -298,7 +300,8 @@ class NativeScan:
 def small_batch_scan(embeddings: np.ndarray, threads: int | None) -> NativeScan | ThreadedScan | None:
     """The exact scan for batches of a few queries on CPU: the native kernel for C-contiguous fp16 tables where
     it runs, else the threaded zero-copy faiss views; None when neither can read the table in place."""
-    if native.available() and embeddings.dtype == np.float16 and embeddings.flags.c_contiguous:
+    fits = embeddings.dtype == np.float16 and embeddings.flags.c_contiguous and len(embeddings) > 0
+    if fits and native.available():
         return NativeScan(embeddings, threads)
     scan = ThreadedScan(embeddings, threads)
     return scan if scan.ok else None
@@ -568,7 +571,7 @@ def default_sq8_scan(code_bytes: int | None = None) -> str:
     INT8_GEMM_MAX_BYTES; else faiss's zero-copy float scan.
 
     Measured in benchmarks/bench_search.py (1M x 1,024, 2 cores); figures in docs/scale-out.md. int8-gemm costs
-    ~15 s per million rows to pack at load, and N x D bytes of RAM; the native scan reads the memory map.
+    ~21-24 s per million rows to pack at load, and N x D bytes of RAM; the native scan reads the memory map.
     """
     if native.available():
         return "native"

@@ -80,7 +80,7 @@ def test_sq8_queries_use_the_full_range_and_do_not_depend_on_the_query_scale() -
 
 
 @needs_kernels
-@pytest.mark.parametrize("k", [1, 10, 600, 5000])  # 600: more than one range's rows; 5000 > N
+@pytest.mark.parametrize("k", [0, 1, 10, 600, 5000])  # 600: more than one range's rows; 5000 > N
 @pytest.mark.parametrize("restrict", [False, True])
 def test_native_topk_equals_a_stable_argsort_with_ties(k: int, restrict: bool) -> None:
     base = unit_rows(50, 32)
@@ -106,10 +106,9 @@ def test_a_memory_map_is_read_in_place(tmp_path: Path) -> None:
     assert np.allclose(
         scan.scores(np.ones((1, 16), np.float32))[0], table.astype(np.float32).sum(1), atol=1e-5
     )
-    with pytest.raises(ValueError, match="C-contiguous fp16 or uint8"):
-        native.RowScan(np.zeros((4, 8), np.float32), 1)
-    with pytest.raises(ValueError, match="C-contiguous fp16 or uint8"):
-        native.RowScan(unit_rows(8, 16)[:, ::2], 1)
+    for bad in (np.zeros((4, 8), np.float32), unit_rows(8, 16)[:, ::2], np.zeros((0, 8), np.float16)):
+        with pytest.raises(ValueError, match="non-empty C-contiguous fp16 or uint8"):
+            native.RowScan(bad, 1)
 
 
 @needs_kernels
