@@ -79,7 +79,7 @@ SMALL_BATCH_SCANS = [
 ]  # native: x86 AVX2 and a C compiler
 
 
-@pytest.mark.parametrize("num_q", [1, 3, 64])
+@pytest.mark.parametrize("num_q", [1, 3, 32, 64])  # 32: the native scan's largest batch; 64: the GEMM
 @pytest.mark.parametrize("k", [1, 10, 1000, N + 5])  # 1000 and N + 5: more than the rows of one thread
 @pytest.mark.parametrize("threads", [1, 2, 7])
 @pytest.mark.parametrize("kernel", SMALL_BATCH_SCANS)
@@ -99,6 +99,24 @@ def test_threaded_exact_equals_brute_force_with_ties(
         got_s, got_i = search.topk(torch.from_numpy(qs), k, restrict)
         assert np.array_equal(got_i, want_i)
         assert np.allclose(got_s, want_s, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", SMALL_BATCH_SCANS)
+def test_batches_up_to_the_scans_limit_go_to_the_scan(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native scan takes batches of up to 32 queries (measured faster than the GEMM), faiss up to 2."""
+    if kernel == "faiss":
+        monkeypatch.setattr(native, "available", lambda: False)
+    search = ExactSearch(with_duplicates(), CPU, threads=2)
+    limit = {"faiss": 2, "native": 32}[kernel]
+    assert search.threaded is not None and search.threaded.max_queries == limit
+    calls: list[int] = []
+    scan_search = search.threaded.search
+    monkeypatch.setattr(
+        search.threaded, "search", lambda q, k, rows: calls.append(len(q)) or scan_search(q, k, rows)
+    )
+    for num_q in (1, limit, limit + 1):
+        search.topk(torch.from_numpy(queries(num_q)), 5, None)
+    assert calls == [1, limit]
 
 
 def test_threaded_scan_reads_the_table_in_place() -> None:
