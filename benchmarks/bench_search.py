@@ -6,7 +6,9 @@ each SQ8 scan that runs here (the native u8 x s8 kernel, fbgemm's int8 GEMM, fai
 peer threaded zero-copy faiss SQfp16 scan (our batch-1 scan before the native kernel), faiss IndexFlatIP (an
 fp32 copy) and the bandwidth bound (table bytes / the read bandwidth of a multi-threaded torch.sum over the
 same table, measured in the same run, before and after the batch-1 timings; the higher is used). Batch 64 also
-reports GFLOP/s against a measured fp32 GEMM peak. SQ8 recall is measured on noisy stored rows.
+reports GFLOP/s against a measured fp32 GEMM peak, and fbgemm's int8 GEMM peak. SQ8 recall is measured on noisy
+stored rows. On the first data set, a sweep over batches of 1-64 queries times our small-batch scan against the
+torch GEMM that larger batches use.
 Run: python -m benchmarks.bench_search [--n 1000000] [--dim 1024] [--repeats 5]
 """
 
@@ -99,6 +101,29 @@ def int8_gemm_peak(dim: int, batch: int, repeats: int) -> float | None:
     x = torch.randn(batch, dim)
     t = median_time(lambda: [torch.ops.quantized.linear_dynamic(x, packed, True) for _ in range(50)], repeats)
     return 2 * rows * dim * batch / (t / 50) / 1e9
+
+
+def small_batch_sweep(
+    table: np.ndarray, ours: ExactSearch, k: int, repeats: int
+) -> dict[int, dict[str, float]]:
+    """Seconds per batch of Q queries: our small-batch scan (while Q <= its max_queries) against the chunked
+    torch GEMM that larger batches use; where they cross is where ExactSearch should switch."""
+    if ours.threaded is None:
+        return {}
+    print(
+        f"small batches: {type(ours.threaded).__name__} (max_queries {ours.threaded.max_queries}) vs torch GEMM"
+    )
+    rows = {}
+    generator = np.random.default_rng(7)
+    for batch in (1, 2, 4, 8, 16, 32, 64):
+        qs = generator.standard_normal((batch, table.shape[1])).astype(np.float32)
+        scan = median_time(lambda qs=qs: ours.threaded.search(qs, k), repeats)
+        gemm = median_time(
+            lambda qs=qs: ours._torch_topk(torch.from_numpy(qs), k, None), max(1, repeats // 2)
+        )
+        rows[batch] = {"scan_s": scan, "gemm_s": gemm}
+        print(f"  Q={batch:>3}  scan {scan * 1e3:8.1f} ms   GEMM {gemm * 1e3:8.1f} ms", flush=True)
+    return rows
 
 
 def run_dataset(kind: str, args: argparse.Namespace, peak: float, faiss_too: bool) -> dict:
@@ -200,12 +225,19 @@ def run_dataset(kind: str, args: argparse.Namespace, peak: float, faiss_too: boo
             flush=True,
         )
     flat = None  # free the fp32 copy
+    sweep = small_batch_sweep(table, ours, args.k, 3) if faiss_too else {}  # the first data set only
     print(
         "(SQ8 columns include the exact fp16 re-rank of k x r candidates; SQ8faiss sends batch 64 to the fp16 "
         "GEMM; faissThr is the threaded faiss SQfp16 scan (batch 64: our GEMM); best/b16 = the faster SQ8 / the "
         "fp16 read bound; bounds are batch-1 read times at the higher of the two bandwidth readings)"
     )
-    return {"bandwidth_gb_s": bw, "bandwidth_int8_gb_s": bw_int8, "sq8": recall, "by_batch": rows}
+    return {
+        "bandwidth_gb_s": bw,
+        "bandwidth_int8_gb_s": bw_int8,
+        "sq8": recall,
+        "by_batch": rows,
+        "small": sweep,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
