@@ -195,9 +195,7 @@ class ThreadedScan:
         view: Callable[[np.ndarray], Any] = faiss_view,
     ) -> None:
         n = len(table)
-        self.threads = max(1, min(threads or default_threads(), n))
-        bounds = np.linspace(0, n, self.threads + 1).astype(np.int64)
-        self.ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        self.ranges = native.row_ranges(n, threads or default_threads())
         self.views = [view(table[a:b]) for a, b in self.ranges]  # zero-copy faiss indexes, one per range
         self.ok = all(v is not None for v in self.views)
         self.n = n
@@ -262,17 +260,14 @@ def native_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k scores, ids (Q, k) of a native scan, ties going to the lower row. Each thread keeps its range's
     best k in a heap and the lists merge by score, then row; rows (sorted ids) restricts the answer to them."""
+    k = min(k, scan.table.shape[0] if rows is None else len(rows))
+    if k == 0:
+        return np.empty((len(queries), 0), scan.score_dtype), np.empty((len(queries), 0), np.int64)
     if rows is None:
-        k = min(k, scan.table.shape[0])
-        if k == 0:
-            return np.empty((len(queries), 0), scan.score_dtype), np.empty((len(queries), 0), np.int64)
         scores, ids = scan.top(queries, k)  # (Q, T * k)
         top, picked = merge_topk(scores, ids, k)
         return top.astype(scan.score_dtype), picked
     wanted = np.asarray(rows, dtype=np.int64)
-    k = min(k, len(wanted))
-    if k == 0:
-        return np.empty((len(queries), 0), scan.score_dtype), np.empty((len(queries), 0), np.int64)
     allowed = torch.from_numpy(scan.scores(queries))[:, torch.from_numpy(wanted)]  # (Q, R)
     top, positions = select_topk(allowed, k)  # (Q, k)
     return top.numpy(), wanted[positions.numpy()]
@@ -290,7 +285,6 @@ class NativeScan:
     def __init__(self, table: np.ndarray, threads: int | None = None) -> None:
         self.scan = native.RowScan(table, threads or default_threads())
         self.ranges = self.scan.ranges
-        self.n = len(table)
 
     def search(
         self, queries: np.ndarray, k: int, rows: np.ndarray | None = None
@@ -533,11 +527,9 @@ class NativeSq8Scan:
 
     Queries become int8 (native.quantize_sq8_queries: the scale folded in, each row at full 7-bit range), the
     kernel sums exact int32 scores, and the best k are taken by score, then row. One query reads the codes once
-    at memory speed; a batch passes over them once per query_batch queries (compute-bound from ~8 queries).
-    Each thread keeps its best k in heaps (no (Q, N) score array).
+    at memory speed; a batch passes over them once per 64 queries (the kernel's TOP_QUERIES; compute-bound from
+    ~8 queries). Each thread keeps its best k in heaps (no (Q, N) score array).
     """
-
-    query_batch = 64  # queries per pass over the codes: each block of 16 rows is scored for all of them
 
     def __init__(self, codes: Sq8Codes, threads: int | None = None, progress: bool | None = None) -> None:
         self.scan = native.RowScan(codes.codes, threads or default_threads())
@@ -547,11 +539,8 @@ class NativeSq8Scan:
         """Approximate int scores (for ordering only), ids (Q, k) of queries (Q, D) fp32, best first, and tied
         (Q,), always False: the selection is exact on the integer scores, ties going to the lower row."""
         q8 = native.quantize_sq8_queries(queries, self.scale)  # (Q, D) int8
-        batch = self.query_batch
-        parts = [native_topk(self.scan, q8[i : i + batch], k) for i in range(0, len(q8), batch)]
-        scores = np.concatenate([s for s, _ in parts]).astype(np.float32)  # (Q, k)
-        ids = np.concatenate([i for _, i in parts])
-        return scores, ids, np.zeros(len(queries), dtype=bool)
+        scores, ids = native_topk(self.scan, q8, k)  # (Q, k)
+        return scores.astype(np.float32), ids, np.zeros(len(queries), dtype=bool)
 
 
 SQ8_SCANS: dict[str, Callable[..., FaissSq8Scan | Int8GemmScan | NativeSq8Scan]] = {

@@ -83,7 +83,7 @@ def library() -> ctypes.CDLL | None:
         "dot_f16": [pointer, size, size, pointer, size, pointer, size],
         "dot_u8s8": [pointer, size, size, pointer, size, pointer, size],
         "top_f16": [pointer, size, size, pointer, size, size, pointer, pointer],
-        "top_u8s8": [pointer, size, size, pointer, size, size, pointer, pointer, pointer],
+        "top_u8s8": [pointer, size, size, pointer, size, size, pointer, pointer],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
@@ -96,11 +96,16 @@ def available() -> bool:
     return library() is not None
 
 
-TOP_BLOCK = 256  # native_scan.c's TOP_BLOCK: rows per scratch block of top_u8s8
 KERNELS: dict[np.dtype, tuple[str, str, np.dtype, np.dtype]] = {  # table dtype -> kernels, query/score dtype
     np.dtype(np.float16): ("dot_f16", "top_f16", np.dtype(np.float32), np.dtype(np.float32)),
     np.dtype(np.uint8): ("dot_u8s8", "top_u8s8", np.dtype(np.int8), np.dtype(np.int32)),
 }
+
+
+def row_ranges(n: int, threads: int) -> list[tuple[int, int]]:
+    """n rows split into at most `threads` contiguous, non-empty (start, stop) ranges of near-equal size."""
+    bounds = np.linspace(0, n, max(1, min(threads, n)) + 1).astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
 class RowScan:
@@ -119,11 +124,8 @@ class RowScan:
         name, top_name, self.query_dtype, self.score_dtype = KERNELS[table.dtype]
         self.kernel: Callable[..., None] = getattr(lib, name)
         self.top_kernel: Callable[..., None] = getattr(lib, top_name)
-        self.top_kernel_buffer = top_name == "top_u8s8"
         self.table = table
-        n = len(table)
-        bounds = np.linspace(0, n, max(1, min(threads, n)) + 1).astype(np.int64)
-        self.ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        self.ranges = row_ranges(len(table), threads)
         self._pool = ThreadPoolExecutor(len(self.ranges), "native-scan") if len(self.ranges) > 1 else None
 
     def scores(self, queries: np.ndarray) -> np.ndarray:
@@ -152,12 +154,10 @@ class RowScan:
 
         def one(part: int) -> None:
             a, b = self.ranges[part]
-            args = [self.table[a:b].ctypes.data, b - a, dim, q.ctypes.data, len(q), k]
-            args += [scores[part].ctypes.data, rows[part].ctypes.data]
-            if self.top_kernel_buffer:
-                buffer = np.empty((len(q), TOP_BLOCK), dtype=np.int32)  # the kernel's scratch scores
-                args.append(buffer.ctypes.data)
-            self.top_kernel(*args)
+            table = self.table[a:b].ctypes.data
+            self.top_kernel(
+                table, b - a, dim, q.ctypes.data, len(q), k, scores[part].ctypes.data, rows[part].ctypes.data
+            )
             rows[part][rows[part] >= 0] += a  # range rows -> table rows
 
         self._map(one)

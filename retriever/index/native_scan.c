@@ -129,7 +129,8 @@ static void heap_push(double *score, int64_t *row, size_t k, double s, int64_t i
     score[at] = s, row[at] = i;
 }
 
-#define TOP_BLOCK 256 /* SQ8 rows scored into a small (nq, 256) buffer before they meet the heaps */
+#define TOP_BLOCK 64   /* SQ8 rows scored at a time into a stack buffer before they meet the heaps */
+#define TOP_QUERIES 64 /* SQ8 queries per pass over the codes: the buffer is 64 x 64 int32, 16 KB */
 
 static void heaps_init(double *score, int64_t *row, size_t count) {
     for (size_t i = 0; i < count; i++) score[i] = -__builtin_inf(), row[i] = -1;
@@ -153,13 +154,18 @@ void top_f16(const uint16_t *rows, size_t n, size_t d, const float *queries, siz
 
 /* best_score, best_row (nq, k): each query's k best rows of codes (n, d) uint8 (see dot_u8s8), unordered. */
 void top_u8s8(const uint8_t *codes, size_t n, size_t d, const int8_t *queries, size_t nq, size_t k,
-              double *best_score, int64_t *best_row, int32_t *buffer /* (nq, TOP_BLOCK) */) {
+              double *best_score, int64_t *best_row) {
+    int32_t buffer[TOP_QUERIES * TOP_BLOCK];
     heaps_init(best_score, best_row, nq * k);
-    for (size_t i0 = 0; i0 < n; i0 += TOP_BLOCK) {
-        size_t m = n - i0 < TOP_BLOCK ? n - i0 : TOP_BLOCK;
-        dot_u8s8(codes + i0 * d, m, d, queries, nq, buffer, TOP_BLOCK);
-        for (size_t qi = 0; qi < nq; qi++)
-            for (size_t i = 0; i < m; i++)
-                heap_push(best_score + qi * k, best_row + qi * k, k, buffer[qi * TOP_BLOCK + i], (int64_t)(i0 + i));
+    for (size_t q0 = 0; q0 < nq; q0 += TOP_QUERIES) {
+        size_t batch = nq - q0 < TOP_QUERIES ? nq - q0 : TOP_QUERIES;
+        for (size_t i0 = 0; i0 < n; i0 += TOP_BLOCK) {
+            size_t m = n - i0 < TOP_BLOCK ? n - i0 : TOP_BLOCK;
+            dot_u8s8(codes + i0 * d, m, d, queries + q0 * d, batch, buffer, TOP_BLOCK);
+            for (size_t qi = 0; qi < batch; qi++)
+                for (size_t i = 0; i < m; i++)
+                    heap_push(best_score + (q0 + qi) * k, best_row + (q0 + qi) * k, k, buffer[qi * TOP_BLOCK + i],
+                              (int64_t)(i0 + i));
+        }
     }
 }

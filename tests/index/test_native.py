@@ -28,7 +28,7 @@ def unit_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 @needs_kernels
-@pytest.mark.parametrize("n", [1, 3, 4, 7, 1001])  # below, at and past the 4-row block, with a tail
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 1001])  # ranges shorter than the threads, and uneven ones
 @pytest.mark.parametrize("dim", [8, 13, 40, 1024])  # 13: no 8-wide path at all
 @pytest.mark.parametrize("num_q", [1, 2, 5])
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -43,7 +43,7 @@ def test_fp16_scores_equal_a_float64_product(n: int, dim: int, num_q: int, threa
 
 @needs_kernels
 def test_equal_rows_score_equal_whichever_path_reads_them() -> None:
-    """Row 0 goes through the 4-row block, row 6 through the tail loop: the same sum order, the same score."""
+    """Rows 0 and 6, equal but at the ends of the table (first and last row read), score exactly the same."""
     table = unit_rows(7, 64)
     table[6] = table[0]
     scores = native.RowScan(table, 1).scores(
